@@ -1,0 +1,6 @@
+"""Low-level operators: the SSD scan (torch reference and GPU kernel dispatch) and the short conv."""
+
+from ._conv import depthwise_conv1d
+from ._ssd import mamba_ssm_available, segment_ids, ssd_scan, ssd_scan_torch
+
+__all__ = ["depthwise_conv1d", "mamba_ssm_available", "segment_ids", "ssd_scan", "ssd_scan_torch"]

@@ -1,0 +1,286 @@
+"""Chunked state-space-duality (SSD) scan: the pure-PyTorch reference and the backend dispatch."""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Backend = Literal["auto", "torch", "mamba_ssm"]
+
+# Chunks whose states are combined with one dense (G x G) decay matrix before moving on.
+# Bounds the inter-chunk work per step while keeping the Python loop short (L / (Q * G) steps).
+_CHUNK_GROUP = 32
+
+
+@functools.cache
+def _mamba_chunk_scan():
+    """Import mamba-ssm's fused Triton scan lazily; ``None`` when it is not importable."""
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except Exception:  # noqa: BLE001 - any import failure (no CUDA, no wheel) means "absent"
+        return None
+    return mamba_chunk_scan_combined
+
+
+def mamba_ssm_available() -> bool:
+    """Whether mamba-ssm's Triton SSD kernel can be imported in this environment."""
+    return _mamba_chunk_scan() is not None
+
+
+def segment_ids(seq_idx: torch.Tensor) -> torch.Tensor:
+    """Monotone segment ids: a new segment starts wherever ``seq_idx`` changes along the sequence.
+
+    Parameters
+    ----------
+    seq_idx
+        ``(batch, length)`` integer sequence index per token.
+
+    Returns
+    -------
+    ``(batch, length)`` int64 tensor, 0 at the first token and +1 at every change.
+    """
+    change = (seq_idx[:, 1:] != seq_idx[:, :-1]).long()
+    return F.pad(change.cumsum(-1), (1, 0))
+
+
+def _segsum(a: torch.Tensor) -> torch.Tensor:
+    """Stable segment sums: ``out[..., j, k] = sum(a[..., k+1 : j+1])`` for ``k <= j``, else ``-inf``.
+
+    Built with a cumulative sum over a masked square (no subtraction of large cumulative sums), so
+    ``-inf`` entries in ``a`` (hard state resets) propagate without producing NaN.
+    """
+    t = a.shape[-1]
+    x = a[..., :, None].expand(*a.shape, t)  # x[..., j, k] = a[..., j]
+    strict = torch.tril(torch.ones(t, t, dtype=torch.bool, device=a.device), -1)
+    x = x.masked_fill(~strict, 0.0).cumsum(-2)
+    incl = torch.tril(torch.ones(t, t, dtype=torch.bool, device=a.device))
+    return x.masked_fill(~incl, float("-inf"))
+
+
+def ssd_scan_torch(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    *,
+    D: torch.Tensor | None = None,
+    chunk_size: int = 64,
+    initial_state: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
+    return_final_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Pure-PyTorch chunked SSD scan; see :func:`ssd_scan` for the arguments.
+
+    Computes in float32 (float64 when ``x`` is float64) whatever the input dtype. Memory is
+    ``O(L * chunk_size)`` per head plus ``O(L / chunk_size * head_dim * d_state)`` for chunk states.
+    """
+    b, seqlen, h, p = x.shape
+    g, n = B.shape[-2:]
+    hg = h // g
+    q = chunk_size
+    out_dtype = x.dtype
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x, dt, B, C, A = (t.to(cdt) for t in (x, dt, B, C, A))
+
+    pad = (-seqlen) % q
+    if pad:
+        # dt = 0 on padding: decay exp(0) = 1 and no input, so the state passes through unchanged.
+        x = F.pad(x, (0, 0, 0, 0, 0, pad))
+        dt = F.pad(dt, (0, 0, 0, pad))
+        B = F.pad(B, (0, 0, 0, 0, 0, pad))
+        C = F.pad(C, (0, 0, 0, 0, 0, pad))
+    nc = (seqlen + pad) // q
+
+    seg = None
+    if seq_idx is not None:
+        seg = segment_ids(seq_idx)
+        if pad:
+            seg = torch.cat([seg, seg[:, -1:].expand(b, pad)], 1)
+        seg = seg.view(b, nc, q)
+
+    x = x.view(b, nc, q, h, p)
+    B = B.view(b, nc, q, g, n)
+    C = C.view(b, nc, q, g, n)
+    dt = dt.view(b, nc, q, h)
+    xdt = x * dt[..., None]  # (b, c, q, h, p)
+    a_cum = (dt * A).permute(0, 3, 1, 2).cumsum(-1)  # (b, h, c, q) log-decays, cumulative in chunk
+
+    # 1. Within each chunk: masked "attention" C_l . B_s * exp(a_cum[l] - a_cum[s]) for s <= l.
+    causal = torch.tril(torch.ones(q, q, dtype=torch.bool, device=x.device))
+    keep = causal if seg is None else causal & (seg[..., :, None] == seg[..., None, :])[:, None]
+    decay = (a_cum[..., :, None] - a_cum[..., None, :]).masked_fill(~keep, float("-inf")).exp()
+    cb = torch.einsum("bclgn,bcsgn->bcgls", C, B)  # (b, c, g, q, q), shared by the heads of a group
+    scores = cb[:, :, :, None] * decay.view(b, g, hg, nc, q, q).permute(0, 3, 1, 2, 4, 5)
+    y = torch.einsum("bcgkls,bcsgkp->bclgkp", scores, xdt.view(b, nc, q, g, hg, p))
+
+    # 2. State contributed by each chunk at its end.
+    to_end = (a_cum[..., -1:] - a_cum).exp()  # (b, h, c, q)
+    if seg is not None:
+        to_end = to_end * (seg == seg[..., -1:])[:, None]
+    xdt_end = xdt * to_end.permute(0, 2, 3, 1)[..., None]
+    states = torch.einsum("bcsgn,bcsgkp->bcgkpn", B, xdt_end.view(b, nc, q, g, hg, p))
+    states = states.reshape(b, nc, h, p, n)
+
+    # 3. Pass states across chunks: S_c = exp(a_c) * S_{c-1} + states_c, in groups of chunks.
+    chunk_decay = a_cum[..., -1]  # (b, h, c)
+    if seg is not None:
+        prev_end = torch.cat([seg[:, :1, 0], seg[:, :-1, -1]], 1)  # segment entering each chunk
+        passes = prev_end == seg[..., -1]  # (b, c)
+        chunk_decay = chunk_decay.masked_fill(~passes[:, None], float("-inf"))
+    s_prev = x.new_zeros(b, h, p, n) if initial_state is None else initial_state.to(cdt)
+    entering = []
+    for start in range(0, nc, _CHUNK_GROUP):
+        a = chunk_decay[..., start : start + _CHUNK_GROUP]  # (b, h, G)
+        u = states[:, start : start + _CHUNK_GROUP]  # (b, G, h, p, n)
+        within = torch.einsum("bhjk,bkhpn->bjhpn", _segsum(a).exp(), u)
+        carried = a.cumsum(-1).exp().permute(0, 2, 1)[..., None, None] * s_prev[:, None]
+        s_all = within + carried  # state at the end of each chunk of the group
+        entering.append(torch.cat([s_prev[:, None], s_all[:, :-1]], 1))
+        s_prev = s_all[:, -1]
+    entering = torch.cat(entering, 1)  # (b, c, h, p, n): state entering each chunk
+
+    # 4. Contribution of the entering state to every token of the chunk.
+    from_start = a_cum.exp()  # (b, h, c, q)
+    if seg is not None:
+        from_start = from_start * (seg == prev_end[..., None])[:, None]
+    y_off = torch.einsum("bclgn,bcgkpn->bclgkp", C, entering.view(b, nc, g, hg, p, n))
+    y = y + y_off * from_start.permute(0, 2, 3, 1).view(b, nc, q, g, hg)[..., None]
+
+    y = y.reshape(b, nc * q, h, p)[:, :seqlen]
+    if D is not None:
+        D = D.to(cdt)
+        y = y + x.reshape(b, nc * q, h, p)[:, :seqlen] * (D[:, None] if D.dim() == 1 else D)
+    y = y.to(out_dtype)
+    if return_final_state:
+        return y, s_prev
+    return y
+
+
+def _check_inputs(x, dt, A, B, C, D, chunk_size, initial_state, seq_idx) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"x must be (batch, length, heads, head_dim); got shape {tuple(x.shape)}.")
+    b, seqlen, h, p = x.shape
+    if dt.shape != (b, seqlen, h):
+        raise ValueError(f"dt must have shape {(b, seqlen, h)}; got {tuple(dt.shape)}.")
+    if A.shape != (h,):
+        raise ValueError(f"A must have shape ({h},); got {tuple(A.shape)}.")
+    if B.dim() != 4 or B.shape[:2] != (b, seqlen) or B.shape != C.shape:
+        raise ValueError(
+            "B and C must both be (batch, length, groups, d_state) matching x; got "
+            f"{tuple(B.shape)} and {tuple(C.shape)}."
+        )
+    if h % B.shape[2]:
+        raise ValueError(f"heads ({h}) must be divisible by groups ({B.shape[2]}).")
+    if D is not None and D.shape not in ((h,), (h, p)):
+        raise ValueError(f"D must have shape ({h},) or ({h}, {p}); got {tuple(D.shape)}.")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive; got {chunk_size}.")
+    if initial_state is not None and initial_state.shape != (b, h, p, B.shape[3]):
+        raise ValueError(
+            f"initial_state must have shape {(b, h, p, B.shape[3])}; got {tuple(initial_state.shape)}."
+        )
+    if seq_idx is not None and seq_idx.shape != (b, seqlen):
+        raise ValueError(f"seq_idx must have shape {(b, seqlen)}; got {tuple(seq_idx.shape)}.")
+
+
+def ssd_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    *,
+    D: torch.Tensor | None = None,
+    chunk_size: int = 64,
+    initial_state: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
+    return_final_state: bool = False,
+    backend: Backend = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    r"""Selective state-space scan of Mamba2 (the SSD layer), computed chunk by chunk.
+
+    Per head :math:`h` in group :math:`g(h)`, with state :math:`s_t` of shape ``(head_dim, d_state)``:
+
+    .. math::
+
+        s_t = e^{\Delta_t A_h} s_{t-1} + \Delta_t\, x_t B_t^\top, \qquad
+        y_t = s_t C_t + D_h x_t.
+
+    Same arguments and meaning as mamba-ssm's ``mamba_chunk_scan_combined``.
+
+    Parameters
+    ----------
+    x
+        ``(batch, length, heads, head_dim)`` inputs.
+    dt
+        ``(batch, length, heads)`` step sizes, already positive (softplus applied).
+    A
+        ``(heads,)`` negative decay rates.
+    B, C
+        ``(batch, length, groups, d_state)`` input and output projections; ``heads`` must be a
+        multiple of ``groups``.
+    D
+        Optional skip, ``(heads,)`` or ``(heads, head_dim)``.
+    chunk_size
+        Tokens per chunk. Any ``length`` works (padded internally).
+    initial_state
+        Optional ``(batch, heads, head_dim, d_state)`` state before the first token.
+    seq_idx
+        Optional ``(batch, length)`` int32 sequence index of packed sequences: the state resets
+        wherever it changes, so each packed sequence is scanned as if alone. ``initial_state``
+        applies to the first one.
+    return_final_state
+        Also return the ``(batch, heads, head_dim, d_state)`` state after the last token.
+    backend
+        ``"auto"`` uses mamba-ssm's Triton kernel on CUDA tensors when it imports, else the torch
+        reference; ``"torch"`` or ``"mamba_ssm"`` force one.
+
+    Returns
+    -------
+    ``y`` with the shape and dtype of ``x``, and the final state (float32) when asked.
+    """
+    _check_inputs(x, dt, A, B, C, D, chunk_size, initial_state, seq_idx)
+    if backend not in ("auto", "torch", "mamba_ssm"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'mamba_ssm'; got {backend!r}.")
+    use_kernel = backend == "mamba_ssm" or (
+        backend == "auto" and x.is_cuda and mamba_ssm_available()
+    )
+    if use_kernel:
+        kernel = _mamba_chunk_scan()
+        if kernel is None:
+            raise RuntimeError(
+                "backend='mamba_ssm' needs the mamba-ssm package with its CUDA extension: "
+                "`pip install 'scmamba2-scvi[cuda]'` on a machine with an NVIDIA GPU, or use "
+                "backend='torch'."
+            )
+        if not x.is_cuda:
+            raise RuntimeError("backend='mamba_ssm' runs on CUDA tensors only; use backend='torch'.")
+        out = kernel(
+            x,
+            dt,
+            A,
+            B,
+            C,
+            chunk_size,
+            D=D,
+            initial_states=initial_state,
+            seq_idx=None if seq_idx is None else seq_idx.to(torch.int32).contiguous(),
+            return_final_states=return_final_state,
+        )
+        return out
+    return ssd_scan_torch(
+        x,
+        dt,
+        A,
+        B,
+        C,
+        D=D,
+        chunk_size=chunk_size,
+        initial_state=initial_state,
+        seq_idx=seq_idx,
+        return_final_state=return_final_state,
+    )
