@@ -1,0 +1,210 @@
+"""Bidirectional Mamba2 encoder: a stack of residual blocks reading a cell's tokens both ways."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..ops._ssd import Backend
+from ._mixer import HydraMixer, Mamba2Mixer, RMSNorm, flip, reverse_index
+
+Bidirectional = Literal["shared_flip", "hydra"]
+
+
+class BiMamba2Block(nn.Module):
+    """One residual block: pre-norm, bidirectional mixer, and an optional pre-norm feed-forward.
+
+    ``"shared_flip"`` (the paper's design) runs one :class:`Mamba2Mixer` over the sequence and over
+    the reversal of its real tokens, stacked on the batch axis in a single call, and averages the
+    two; ``"hydra"`` uses :class:`HydraMixer`.
+
+    Parameters
+    ----------
+    d_model
+        Token width.
+    bidirectional
+        ``"shared_flip"`` or ``"hydra"``.
+    ffn
+        Add ``x + FFN(LayerNorm(x))`` after the mixer (the paper's figure; not in the released code).
+    ffn_mult
+        Hidden width of the feed-forward as a multiple of ``d_model``.
+    dropout
+        Dropout on the mixer and feed-forward outputs.
+    **mixer_kwargs
+        Passed to the mixer.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        bidirectional: Bidirectional = "shared_flip",
+        ffn: bool = False,
+        ffn_mult: int = 4,
+        dropout: float = 0.0,
+        **mixer_kwargs,
+    ):
+        super().__init__()
+        if bidirectional not in ("shared_flip", "hydra"):
+            raise ValueError(
+                f"bidirectional must be 'shared_flip' or 'hydra'; got {bidirectional!r}."
+            )
+        self.bidirectional = bidirectional
+        self.norm = RMSNorm(d_model)
+        mixer_cls = Mamba2Mixer if bidirectional == "shared_flip" else HydraMixer
+        self.mixer = mixer_cls(d_model, **mixer_kwargs)
+        self.dropout = nn.Dropout(dropout)
+        self.ffn = None
+        if ffn:
+            self.ffn = nn.Sequential(
+                nn.LayerNorm(d_model),
+                nn.Linear(d_model, ffn_mult * d_model),
+                nn.GELU(),
+                nn.Linear(ffn_mult * d_model, d_model),
+            )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        reverse: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        seq_idx: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Update ``(batch, length, d_model)`` token states; see :class:`BiMamba2Encoder`."""
+        h = self.norm(x)
+        if self.bidirectional == "shared_flip":
+            b = h.shape[0]
+            both = torch.cat([h, flip(h, reverse)], 0)
+            seqs = None if seq_idx is None else torch.cat([seq_idx, seq_idx], 0)
+            m = self.mixer(both, seq_idx=seqs)
+            m = 0.5 * (m[:b] + flip(m[b:], reverse))
+        else:
+            m = self.mixer(h, reverse=reverse, key_padding_mask=key_padding_mask, seq_idx=seq_idx)
+        x = x + self.dropout(m)
+        if self.ffn is not None:
+            x = x + self.dropout(self.ffn(x))
+        return x
+
+
+class BiMamba2Encoder(nn.Module):
+    """Stack of bidirectional Mamba2 blocks with a final RMSNorm; cost linear in sequence length.
+
+    Parameters
+    ----------
+    d_model
+        Token width.
+    n_layers
+        Number of blocks.
+    d_state, d_conv, expand, head_dim, n_groups, chunk_size
+        Mixer sizes (see :class:`Mamba2Mixer`); defaults follow mamba-ssm's ``Mamba2``.
+    bidirectional
+        ``"shared_flip"``: the paper's design, one Mamba2 per layer shared by both directions
+        (padding stays on the right of the reversed copy). ``"hydra"``: the quasiseparable mixer.
+    ffn
+        Add a pre-norm feed-forward after each mixer (the paper's figure).
+    dropout
+        Dropout on block outputs.
+    checkpointing
+        Recompute each block's activations in the backward pass (less memory, ~30% more time).
+    backend
+        SSD backend, see :func:`scmamba2_scvi.ops.ssd_scan`.
+
+    Examples
+    --------
+    >>> enc = BiMamba2Encoder(64, 2, d_state=16, head_dim=16)
+    >>> x = torch.randn(2, 10, 64)
+    >>> pad = torch.zeros(2, 10, dtype=torch.bool)
+    >>> pad[1, 7:] = True  # the second cell has 7 real tokens
+    >>> enc(x, key_padding_mask=pad).shape
+    torch.Size([2, 10, 64])
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_layers: int,
+        *,
+        d_state: int = 64,
+        d_conv: int = 4,
+        expand: int = 2,
+        head_dim: int = 64,
+        n_groups: int = 1,
+        chunk_size: int = 64,
+        bidirectional: Bidirectional = "shared_flip",
+        ffn: bool = False,
+        dropout: float = 0.0,
+        checkpointing: bool = False,
+        backend: Backend = "auto",
+    ):
+        super().__init__()
+        self.d_model, self.n_layers, self.checkpointing = d_model, n_layers, checkpointing
+        self.layers = nn.ModuleList(
+            BiMamba2Block(
+                d_model,
+                bidirectional=bidirectional,
+                ffn=ffn,
+                dropout=dropout,
+                d_state=d_state,
+                d_conv=d_conv,
+                expand=expand,
+                head_dim=head_dim,
+                n_groups=n_groups,
+                chunk_size=chunk_size,
+                backend=backend,
+            )
+            for _ in range(n_layers)
+        )
+        self.norm_f = RMSNorm(d_model)
+        # GPT-2 / mamba-ssm rescaling of the residual-branch output projections
+        for layer in self.layers:
+            nn.init.kaiming_uniform_(layer.mixer.out_proj.weight, a=math.sqrt(5))
+            with torch.no_grad():
+                layer.mixer.out_proj.weight /= math.sqrt(n_layers)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        seq_idx: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Encode token states.
+
+        Parameters
+        ----------
+        x
+            ``(batch, length, d_model)`` token embeddings.
+        key_padding_mask
+            ``(batch, length)`` bool, True at padding. Padding must be on the right; outputs at real
+            tokens do not depend on how much padding follows.
+        seq_idx
+            ``(batch, length)`` index of packed sequences (several cells concatenated in one row);
+            no information crosses from one sequence to another.
+
+        Returns
+        -------
+        ``(batch, length, d_model)`` contextual token states.
+        """
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must be (batch, length, {self.d_model}); got {tuple(x.shape)}.")
+        b, seqlen = x.shape[:2]
+        if key_padding_mask is not None:
+            if key_padding_mask.shape != (b, seqlen):
+                raise ValueError(
+                    f"key_padding_mask must be {(b, seqlen)}; got {tuple(key_padding_mask.shape)}."
+                )
+            key_padding_mask = key_padding_mask.bool()
+            if (key_padding_mask[:, :-1] & ~key_padding_mask[:, 1:]).any():
+                raise ValueError(
+                    "key_padding_mask must pad on the right only (real tokens first, then padding)."
+                )
+        reverse = reverse_index(key_padding_mask, seq_idx, (b, seqlen), device=x.device)
+        for layer in self.layers:
+            if self.checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, reverse, key_padding_mask, seq_idx, use_reentrant=False)
+            else:
+                x = layer(x, reverse, key_padding_mask, seq_idx)
+        return self.norm_f(x)
