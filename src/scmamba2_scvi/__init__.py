@@ -2,11 +2,12 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import ops
+from . import data, model, module, nn, ops, pl, tl
+from .model import SCMamba2
 
 try:
     __version__ = version("scmamba2-scvi")
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
-__all__ = ["ops"]
+__all__ = ["SCMamba2", "data", "model", "module", "nn", "ops", "pl", "tl"]

@@ -1,14 +1,32 @@
-"""Neural-network building blocks (torch only): Mamba2 mixers and the bidirectional encoder."""
+"""Neural-network building blocks (torch only): Mamba2 mixers, the bidirectional encoder, heads."""
 
 from ._encoder import BiMamba2Block, BiMamba2Encoder
+from ._heads import (
+    MASK_VALUE,
+    PAD_VALUE,
+    DomainBatchNorm,
+    ExprDecoder,
+    GeneQueryDecoder,
+    MLPClassifier,
+    ValueEncoder,
+    grad_reverse,
+)
 from ._mixer import HydraMixer, Mamba2Mixer, RMSNorm, flip, reverse_index
 
 __all__ = [
+    "MASK_VALUE",
+    "PAD_VALUE",
     "BiMamba2Block",
     "BiMamba2Encoder",
+    "DomainBatchNorm",
+    "ExprDecoder",
+    "GeneQueryDecoder",
     "HydraMixer",
+    "MLPClassifier",
     "Mamba2Mixer",
     "RMSNorm",
+    "ValueEncoder",
     "flip",
+    "grad_reverse",
     "reverse_index",
 ]

@@ -77,11 +77,14 @@ class BiMamba2Block(nn.Module):
         """Update ``(batch, length, d_model)`` token states; see :class:`BiMamba2Encoder`."""
         h = self.norm(x)
         if self.bidirectional == "shared_flip":
+            # The projections act token by token, so project once, reverse the projected tokens,
+            # run both directions' conv + scan in one batched call, and project back once.
             b = h.shape[0]
-            both = torch.cat([h, flip(h, reverse)], 0)
+            zxbcdt = self.mixer.in_proj(h)
+            both = torch.cat([zxbcdt, flip(zxbcdt, reverse)], 0)
             seqs = None if seq_idx is None else torch.cat([seq_idx, seq_idx], 0)
-            m = self.mixer(both, seq_idx=seqs)
-            m = 0.5 * (m[:b] + flip(m[b:], reverse))
+            y = self.mixer.inner(both, seq_idx=seqs)
+            m = self.mixer.out_proj(0.5 * (y[:b] + flip(y[b:], reverse)))
         else:
             m = self.mixer(h, reverse=reverse, key_padding_mask=key_padding_mask, seq_idx=seq_idx)
         x = x + self.dropout(m)

@@ -185,14 +185,31 @@ class Mamba2Mixer(_MixerBase):
 
     def forward(self, hidden: torch.Tensor, *, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         """Mix ``(batch, length, d_model)`` tokens causally; ``seq_idx`` separates packed cells."""
+        return self.out_proj(self.inner(self.in_proj(hidden), seq_idx=seq_idx))
+
+    def inner(self, zxbcdt: torch.Tensor, *, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Everything between the two projections: conv, SSD scan and gated norm.
+
+        Parameters
+        ----------
+        zxbcdt
+            Output of ``in_proj``, ``(batch, length, in_proj.out_features)``.
+        seq_idx
+            Optional packed-sequence index.
+
+        Returns
+        -------
+        ``(batch, length, d_inner)``, the input of ``out_proj``. The projections act token by
+        token, so a bidirectional caller can project once and reverse the projected sequence.
+        """
         gn = self.n_groups * self.d_state
-        z, xbc, dt = self.in_proj(hidden).split([self.d_inner, self.d_inner + 2 * gn, self.n_heads], -1)
+        z, xbc, dt = zxbcdt.split([self.d_inner, self.d_inner + 2 * gn, self.n_heads], -1)
         xbc = F.silu(
             depthwise_conv1d(xbc, self.conv1d.weight[:, 0], self.conv1d.bias, seq_idx=seq_idx)
         )
         x, B, C = xbc.split([self.d_inner, gn, gn], -1)
         y = self._scan(x, dt, B, C, D=self.D, seq_idx=seq_idx)
-        return self.out_proj(self.norm(y.flatten(-2), z))
+        return self.norm(y.flatten(-2), z)
 
 
 class HydraMixer(_MixerBase):

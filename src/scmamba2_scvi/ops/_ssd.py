@@ -102,58 +102,62 @@ def ssd_scan_torch(
             seg = torch.cat([seg, seg[:, -1:].expand(b, pad)], 1)
         seg = seg.view(b, nc, q)
 
-    x = x.view(b, nc, q, h, p)
-    B = B.view(b, nc, q, g, n)
-    C = C.view(b, nc, q, g, n)
-    dt = dt.view(b, nc, q, h)
-    xdt = x * dt[..., None]  # (b, c, q, h, p)
-    a_cum = (dt * A).permute(0, 3, 1, 2).cumsum(-1)  # (b, h, c, q) log-decays, cumulative in chunk
+    # Head-major layout (batch, group, head-in-group, chunk, token, feature): every contraction
+    # below is a plain batched matmul, with no permuted copies inside the scan.
+    x = x.view(b, nc, q, g, hg, p).permute(0, 3, 4, 1, 2, 5)  # (b, g, k, c, q, p)
+    dt = dt.view(b, nc, q, g, hg).permute(0, 3, 4, 1, 2)  # (b, g, k, c, q)
+    B = B.view(b, nc, q, g, n).permute(0, 3, 1, 2, 4)  # (b, g, c, q, n)
+    C = C.view(b, nc, q, g, n).permute(0, 3, 1, 2, 4)
+    xdt = x * dt[..., None]
+    a_cum = (dt * A.view(g, hg, 1, 1)).cumsum(-1)  # (b, g, k, c, q) log-decay, cumulative in chunk
 
     # 1. Within each chunk: masked "attention" C_l . B_s * exp(a_cum[l] - a_cum[s]) for s <= l.
     causal = torch.tril(torch.ones(q, q, dtype=torch.bool, device=x.device))
-    keep = causal if seg is None else causal & (seg[..., :, None] == seg[..., None, :])[:, None]
-    decay = (a_cum[..., :, None] - a_cum[..., None, :]).masked_fill(~keep, float("-inf")).exp()
-    cb = torch.einsum("bclgn,bcsgn->bcgls", C, B)  # (b, c, g, q, q), shared by the heads of a group
-    scores = cb[:, :, :, None] * decay.view(b, g, hg, nc, q, q).permute(0, 3, 1, 2, 4, 5)
-    y = torch.einsum("bcgkls,bcsgkp->bclgkp", scores, xdt.view(b, nc, q, g, hg, p))
-
-    # 2. State contributed by each chunk at its end.
-    to_end = (a_cum[..., -1:] - a_cum).exp()  # (b, h, c, q)
     if seg is not None:
-        to_end = to_end * (seg == seg[..., -1:])[:, None]
-    xdt_end = xdt * to_end.permute(0, 2, 3, 1)[..., None]
-    states = torch.einsum("bcsgn,bcsgkp->bcgkpn", B, xdt_end.view(b, nc, q, g, hg, p))
-    states = states.reshape(b, nc, h, p, n)
+        seg = seg[:, None, None]  # (b, 1, 1, c, q)
+        causal = causal & (seg[..., :, None] == seg[..., None, :])
+    decay = (a_cum[..., :, None] - a_cum[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+    cb = (C @ B.transpose(-1, -2))[:, :, None]  # (b, g, 1, c, q, q), shared by a group's heads
+    y = (cb * decay) @ xdt  # (b, g, k, c, q, p)
+
+    # 2. State contributed by each chunk at its end, stored as (d_state, head_dim).
+    to_end = (a_cum[..., -1:] - a_cum).exp()
+    if seg is not None:
+        to_end = to_end * (seg == seg[..., -1:])
+    states = B.transpose(-1, -2)[:, :, None] @ (xdt * to_end[..., None])  # (b, g, k, c, n, p)
+    states = states.reshape(b, h, nc, n * p)
 
     # 3. Pass states across chunks: S_c = exp(a_c) * S_{c-1} + states_c, in groups of chunks.
-    chunk_decay = a_cum[..., -1]  # (b, h, c)
+    chunk_decay = a_cum[..., -1].reshape(b, h, nc)
     if seg is not None:
-        prev_end = torch.cat([seg[:, :1, 0], seg[:, :-1, -1]], 1)  # segment entering each chunk
-        passes = prev_end == seg[..., -1]  # (b, c)
-        chunk_decay = chunk_decay.masked_fill(~passes[:, None], float("-inf"))
-    s_prev = x.new_zeros(b, h, p, n) if initial_state is None else initial_state.to(cdt)
+        prev_end = torch.cat([seg[..., :1, 0], seg[..., :-1, -1]], -1)  # segment entering chunks
+        chunk_decay = chunk_decay.masked_fill(prev_end[:, 0] != seg[..., -1][:, 0], float("-inf"))
+    s_prev = (
+        x.new_zeros(b, h, n * p)
+        if initial_state is None
+        else initial_state.to(cdt).transpose(-1, -2).reshape(b, h, n * p)
+    )
     entering = []
     for start in range(0, nc, _CHUNK_GROUP):
         a = chunk_decay[..., start : start + _CHUNK_GROUP]  # (b, h, G)
-        u = states[:, start : start + _CHUNK_GROUP]  # (b, G, h, p, n)
-        within = torch.einsum("bhjk,bkhpn->bjhpn", _segsum(a).exp(), u)
-        carried = a.cumsum(-1).exp().permute(0, 2, 1)[..., None, None] * s_prev[:, None]
-        s_all = within + carried  # state at the end of each chunk of the group
-        entering.append(torch.cat([s_prev[:, None], s_all[:, :-1]], 1))
-        s_prev = s_all[:, -1]
-    entering = torch.cat(entering, 1)  # (b, c, h, p, n): state entering each chunk
+        within = _segsum(a).exp() @ states[:, :, start : start + _CHUNK_GROUP]
+        s_all = within + a.cumsum(-1).exp()[..., None] * s_prev[:, :, None]
+        entering.append(torch.cat([s_prev[:, :, None], s_all[:, :, :-1]], 2))
+        s_prev = s_all[:, :, -1]
+    entering = torch.cat(entering, 2).view(b, g, hg, nc, n, p)  # state entering each chunk
 
     # 4. Contribution of the entering state to every token of the chunk.
-    from_start = a_cum.exp()  # (b, h, c, q)
+    from_start = a_cum.exp()
     if seg is not None:
-        from_start = from_start * (seg == prev_end[..., None])[:, None]
-    y_off = torch.einsum("bclgn,bcgkpn->bclgkp", C, entering.view(b, nc, g, hg, p, n))
-    y = y + y_off * from_start.permute(0, 2, 3, 1).view(b, nc, q, g, hg)[..., None]
+        from_start = from_start * (seg == prev_end[..., None])
+    y = y + (C[:, :, None] @ entering) * from_start[..., None]
 
-    y = y.reshape(b, nc * q, h, p)[:, :seqlen]
+    y = y.permute(0, 3, 4, 1, 2, 5).reshape(b, nc * q, h, p)[:, :seqlen]
     if D is not None:
         D = D.to(cdt)
-        y = y + x.reshape(b, nc * q, h, p)[:, :seqlen] * (D[:, None] if D.dim() == 1 else D)
+        x = x.permute(0, 3, 4, 1, 2, 5).reshape(b, nc * q, h, p)[:, :seqlen]
+        y = y + x * (D[:, None] if D.dim() == 1 else D)
+    s_prev = s_prev.view(b, h, n, p).transpose(-1, -2)
     y = y.to(out_dtype)
     if return_final_state:
         return y, s_prev

@@ -1,0 +1,266 @@
+"""The ``scmamba2`` command: demo, pretrain, finetune, embed, annotate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_DEMO_OUT = "scmamba2_demo"
+
+
+def _quiet() -> None:
+    """Keep the terminal readable: Lightning tips and scvi-tools notices off, warnings once."""
+    warnings.filterwarnings("ignore", category=UserWarning, module="lightning")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "scvi"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger("scmamba2_scvi").setLevel(logging.INFO)
+
+
+def _read(path: str):
+    import anndata as ad
+
+    if not Path(path).exists():
+        raise SystemExit(f"error: input file {path!r} does not exist.")
+    return ad.read_h5ad(path)
+
+
+def lr_pca_baseline(train, test, labels_key: str, n_pcs: int = 50, seed: int = 0) -> np.ndarray:
+    """Logistic regression on PCA of log-normalised counts, fit on ``train``, predicts ``test``.
+
+    Parameters
+    ----------
+    train, test
+        AnnData with counts in ``X`` and the same genes.
+    labels_key
+        ``obs`` column of labels in ``train``.
+    n_pcs
+        Principal components (fit on ``train`` only).
+    seed
+        Random state.
+
+    Returns
+    -------
+    Predicted labels of ``test``.
+    """
+    from scipy import sparse
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+
+    def lognorm(a):
+        X = a.X.toarray() if sparse.issparse(a.X) else np.asarray(a.X)
+        return np.log1p(X / np.maximum(X.sum(1, keepdims=True), 1) * 1e4)
+
+    pca = PCA(n_components=min(n_pcs, train.n_obs - 1, train.n_vars), random_state=seed)
+    z_train = pca.fit_transform(lognorm(train))
+    clf = LogisticRegression(max_iter=2000, random_state=seed)
+    clf.fit(z_train, train.obs[labels_key].astype(str).to_numpy())
+    return clf.predict(pca.transform(lognorm(test)))
+
+
+def demo(args: argparse.Namespace) -> dict:
+    """Train on 80% of pbmc68k_reduced, annotate the other 20%, compare with LR on PCA."""
+    import scanpy as sc
+    from sklearn.metrics import accuracy_score, f1_score
+    from sklearn.model_selection import train_test_split
+
+    from . import pl, tl
+    from .datasets import pbmc68k_counts
+    from .model import SCMamba2
+
+    t_start = time.perf_counter()
+    import scvi
+
+    scvi.settings.seed = args.seed
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    adata = pbmc68k_counts()
+    key = "bulk_labels"
+    train_idx, test_idx = train_test_split(
+        np.arange(adata.n_obs), test_size=0.2, stratify=adata.obs[key], random_state=args.seed
+    )
+    adata.obs["split"] = "train"
+    adata.obs.iloc[test_idx, adata.obs.columns.get_loc("split")] = "test"
+    train = adata[np.sort(train_idx)].copy()
+    test = adata[np.sort(test_idx)].copy()
+    print(f"pbmc68k_reduced: {adata.n_obs} cells x {adata.n_vars} genes, {key}: "
+          f"{adata.obs[key].nunique()} types; stratified split {train.n_obs} train / "
+          f"{test.n_obs} held out")
+
+    SCMamba2.setup_anndata(train, layer="counts", labels_key=key)
+    model = SCMamba2(train, preset=args.preset, max_len=args.max_len)
+    print(model._model_summary_string)
+    t0 = time.perf_counter()
+    model.train(max_epochs=args.epochs, batch_size=args.batch_size, accelerator=args.accelerator,
+                plan_kwargs={"lr": args.lr}, train_size=0.9)
+    train_s = time.perf_counter() - t0
+
+    pred = model.predict(test)
+    truth = test.obs[key].astype(str).to_numpy()
+    baseline = lr_pca_baseline(train, test, key, seed=args.seed)
+    metrics = {
+        "SCMamba2": {"accuracy": accuracy_score(truth, pred),
+                     "macro_f1": f1_score(truth, pred, average="macro")},
+        "LogReg on PCA": {"accuracy": accuracy_score(truth, baseline),
+                          "macro_f1": f1_score(truth, baseline, average="macro")},
+    }
+
+    tl.embed(adata, model)
+    tl.annotate(adata, model)
+    adata.obs["true_label"] = adata.obs[key]
+    held = adata[adata.obs["split"] == "test"]
+    pl.umap(adata, color=[key, "scmamba2_label"], save=out / "umap.png")
+    pl.confusion(held, "true_label", "scmamba2_label", save=out / "confusion.png")
+    pl.history(model, save=out / "training.png")
+    adata.write_h5ad(out / "pbmc68k_scmamba2.h5ad")
+    model.save(out / "model", overwrite=True, save_anndata=False)
+    elapsed = time.perf_counter() - t_start
+    summary = {"metrics": metrics, "train_seconds": round(train_s, 1),
+               "total_seconds": round(elapsed, 1), "epochs": args.epochs, "preset": args.preset,
+               "n_train": train.n_obs, "n_test": test.n_obs}
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+
+    print(f"\nHeld-out annotation ({test.n_obs} cells, {key}):")
+    print(f"  {'method':16s} {'accuracy':>9s} {'macro-F1':>9s}")
+    for name, m in metrics.items():
+        print(f"  {name:16s} {m['accuracy']:9.3f} {m['macro_f1']:9.3f}")
+    print(f"\ntrained in {train_s:.0f} s; whole demo {elapsed:.0f} s")
+    print(f"wrote {out}/: pbmc68k_scmamba2.h5ad (obsm X_scmamba2, obs scmamba2_label), "
+          "umap.png, confusion.png, training.png, metrics.json, model/")
+    sc.settings.verbosity = 0
+    return summary
+
+
+def pretrain(args: argparse.Namespace) -> None:
+    """Masked-expression pretraining on one or more h5ad files (in memory)."""
+    import anndata as ad
+
+    from .model import SCMamba2
+
+    adatas = [_read(p) for p in args.input]
+    adata = adatas[0] if len(adatas) == 1 else ad.concat(adatas, join="outer", fill_value=0)
+    SCMamba2.setup_anndata(adata, layer=args.layer, batch_key=args.batch_key,
+                           gene_key=args.gene_key)
+    model = SCMamba2(adata, preset=args.preset, max_len=args.max_len, mode=args.mode)
+    print(model._model_summary_string)
+    model.train(max_epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+                accelerator=args.accelerator, devices=args.devices, plan_kwargs={"lr": args.lr})
+    model.save(args.out, overwrite=True, save_anndata=False)
+    print(f"saved the pretrained model to {args.out}")
+
+
+def finetune(args: argparse.Namespace) -> None:
+    """Load a (pre)trained model onto new data, fine-tune it, save it."""
+    from .model import SCMamba2
+
+    adata = _read(args.input)
+    model = SCMamba2.load_query_data(adata, args.model, layer=args.layer,
+                                     batch_key=args.batch_key, labels_key=args.labels_key,
+                                     gene_key=args.gene_key)
+    if args.labels_key is not None and not model.label_categories:
+        raise SystemExit("error: the reference model has no classifier; pretrain with labels or "
+                         "train a new model with SCMamba2(adata) after setup_anndata(labels_key).")
+    model.train(max_epochs=args.epochs, batch_size=args.batch_size, accelerator=args.accelerator,
+                plan_kwargs={"lr": args.lr})
+    model.save(args.out, overwrite=True, save_anndata=False)
+    print(f"saved the fine-tuned model to {args.out}")
+
+
+def _apply(args: argparse.Namespace, tool: str) -> None:
+    from . import tl
+    from .model import SCMamba2
+
+    adata = _read(args.input)
+    model = SCMamba2.load_query_data(adata, args.model, gene_key=args.gene_key,
+                                     labels_key=None, batch_key="reference")
+    if tool == "embed":
+        tl.embed(adata, model, key_added=args.key)
+    else:
+        tl.annotate(adata, model, key_added=args.key)
+    adata.write_h5ad(args.output)
+    print(f"wrote {args.output} ({tool}: key {args.key!r})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``scmamba2`` command."""
+    parser = argparse.ArgumentParser(
+        prog="scmamba2",
+        description="SC-MAMBA2: bidirectional Mamba2 single-cell foundation model (scvi-tools).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p, epochs: int, preset: bool = True):
+        if preset:
+            p.add_argument("--preset", default="cpu-small",
+                           help="architecture preset (cpu-small, default, paper-medium, "
+                                "paper-large); default: %(default)s")
+            p.add_argument("--max-len", type=int, default=1024,
+                           help="max tokens per cell; default: %(default)s")
+        p.add_argument("--epochs", type=int, default=epochs, help="default: %(default)s")
+        p.add_argument("--batch-size", type=int, default=64, help="default: %(default)s")
+        p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+        p.add_argument("--accelerator", default="auto", help="cpu, gpu or auto")
+
+    p = sub.add_parser("demo", help="annotate held-out pbmc68k_reduced cells (built-in data)",
+                       description=demo.__doc__)
+    common(p, epochs=10)
+    p.add_argument("--out", default=DEFAULT_DEMO_OUT,
+                   help="output folder; default: ./%(default)s")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=demo)
+
+    p = sub.add_parser("pretrain", help="pretrain on h5ad files", description=pretrain.__doc__)
+    p.add_argument("input", nargs="+", help="h5ad file(s) with counts")
+    p.add_argument("--out", required=True, help="folder to save the model to")
+    p.add_argument("--layer", default=None, help="layer with counts (default: X)")
+    p.add_argument("--batch-key", default=None)
+    p.add_argument("--gene-key", default=None, help="var column with gene IDs or symbols")
+    p.add_argument("--mode", default="expressed", choices=["expressed", "full"])
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--devices", default="auto")
+    common(p, epochs=10)
+    p.set_defaults(func=pretrain)
+
+    p = sub.add_parser("finetune", help="fine-tune a saved model on an h5ad",
+                       description=finetune.__doc__)
+    p.add_argument("input", help="h5ad file with counts")
+    p.add_argument("--model", required=True, help="folder of a saved model")
+    p.add_argument("--out", required=True, help="folder to save the fine-tuned model to")
+    p.add_argument("--layer", default="reference")
+    p.add_argument("--labels-key", default=None)
+    p.add_argument("--batch-key", default="reference")
+    p.add_argument("--gene-key", default=None)
+    common(p, epochs=10, preset=False)
+    p.set_defaults(func=finetune)
+
+    for name, key, what in (("embed", "X_scmamba2", "obsm key"),
+                            ("annotate", "scmamba2_label", "obs key")):
+        p = sub.add_parser(name, help=f"{name} the cells of an h5ad with a saved model",
+                           description=f"Write the model's {name} result into a copy of INPUT.")
+        p.add_argument("input", help="h5ad file with counts")
+        p.add_argument("--model", required=True, help="folder of a saved model")
+        p.add_argument("--output", required=True, help="h5ad file to write")
+        p.add_argument("--key", default=key, help=f"{what}; default: %(default)s")
+        p.add_argument("--gene-key", default=None)
+        p.set_defaults(func=lambda a, tool=name: _apply(a, tool))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``scmamba2`` console script."""
+    args = build_parser().parse_args(argv)
+    _quiet()
+    args.func(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

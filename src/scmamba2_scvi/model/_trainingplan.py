@@ -1,0 +1,110 @@
+"""Lightning training plan: AdamW with linear warm-up and cosine decay, per step."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from scvi.module.base import BaseModuleClass
+from scvi.train import TrainingPlan
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
+    """Learning-rate multiplier: linear warm-up to 1 over ``warmup`` steps, then cosine to ``min_ratio``.
+
+    Parameters
+    ----------
+    step
+        Current optimizer step (0-based).
+    warmup
+        Warm-up steps.
+    total
+        Total steps of the run.
+    min_ratio
+        Final multiplier.
+
+    Returns
+    -------
+    The multiplier of the base learning rate.
+    """
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class SCMamba2TrainingPlan(TrainingPlan):
+    """scvi-tools :class:`~scvi.train.TrainingPlan` with AdamW, warm-up + cosine schedule.
+
+    Weight decay skips biases, norms, embeddings and the SSM parameters (``A_log``, ``dt_bias``,
+    ``D``), as mamba-ssm does. Keyword arguments not listed here are loss weights passed to
+    :meth:`~scmamba2_scvi.module.SCMamba2Module.loss` (``gep_weight``, ``gepc_weight``,
+    ``cls_weight``, ``dar_weight``, ``ecs_weight``, ``ecs_threshold``).
+
+    Parameters
+    ----------
+    module
+        The :class:`~scmamba2_scvi.module.SCMamba2Module`.
+    lr
+        Peak learning rate.
+    weight_decay
+        AdamW weight decay.
+    warmup_ratio
+        Fraction of all steps spent warming up (ignored when ``warmup_steps`` is given).
+    warmup_steps
+        Warm-up steps.
+    min_lr_ratio
+        Learning rate at the end of the cosine, as a fraction of ``lr``.
+    betas
+        AdamW betas.
+    **loss_kwargs
+        Loss weights, see above.
+    """
+
+    def __init__(
+        self,
+        module: BaseModuleClass,
+        *,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        warmup_ratio: float = 0.05,
+        warmup_steps: int | None = None,
+        min_lr_ratio: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.98),
+        **loss_kwargs,
+    ):
+        super().__init__(module, optimizer="AdamW", lr=lr, weight_decay=weight_decay, **loss_kwargs)
+        self.warmup_ratio, self.warmup_steps = warmup_ratio, warmup_steps
+        self.min_lr_ratio, self.betas = min_lr_ratio, betas
+
+    def _param_groups(self) -> list[dict]:
+        decay, no_decay = [], []
+        for name, p in self.module.named_parameters():
+            if not p.requires_grad:
+                continue
+            skip = (
+                p.dim() < 2
+                or getattr(p, "_no_weight_decay", False)
+                or "embedding" in name
+                or "norm" in name
+            )
+            (no_decay if skip else decay).append(p)
+        return [
+            {"params": decay, "weight_decay": self.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def configure_optimizers(self):
+        """AdamW and a per-step warm-up + cosine schedule over the run's estimated steps."""
+        optimizer = torch.optim.AdamW(self._param_groups(), lr=self.lr, betas=self.betas)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = (
+            self.warmup_steps if self.warmup_steps is not None else int(self.warmup_ratio * total)
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup, total, self.min_lr_ratio)
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }

@@ -1,0 +1,252 @@
+"""SCMamba2 model: setup errors, training, latent, predict, save/load, transfer learning."""
+
+import warnings
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import sparse
+
+from scmamba2_scvi import SCMamba2
+from scmamba2_scvi.datasets import pbmc68k_counts
+
+TINY = {"preset": "cpu-small", "d_model": 32, "n_layers": 1, "d_state": 8, "head_dim": 16,
+        "max_len": 64, "dropout": 0.0}
+FAST = {"accelerator": "cpu", "enable_progress_bar": False}
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def synthetic(n_cells=240, n_genes=60, n_types=3, seed=0, symbols=True):
+    """Cell types with disjoint marker genes; counts are Poisson, markers 8x higher."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(n_types), n_cells // n_types)
+    rate = np.full((n_cells, n_genes), 0.6)
+    per = n_genes // (2 * n_types)
+    for t in range(n_types):
+        rate[labels == t, t * per : (t + 1) * per] = 5.0
+    counts = rng.poisson(rate).astype(np.float32)
+    counts[counts.sum(1) == 0, 0] = 1
+    ens = [f"ENSG{i:011d}" for i in range(n_genes)]
+    sym = [f"GENE{i}" for i in range(n_genes)]
+    var = pd.DataFrame({"gene_symbol": sym, "gene_id": ens}, index=sym if symbols else ens)
+    obs = pd.DataFrame(
+        {"cell_type": pd.Categorical([f"type{t}" for t in labels]),
+         "batch": pd.Categorical(rng.choice(["a", "b"], n_cells))},
+        index=[f"cell{i}" for i in range(n_cells)],
+    )
+    return ad.AnnData(sparse.csr_matrix(counts), obs=obs, var=var)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny model trained on the synthetic task (shared by several tests)."""
+    torch.manual_seed(0)
+    adata = synthetic()
+    SCMamba2.setup_anndata(adata, labels_key="cell_type", batch_key="batch")
+    model = SCMamba2(adata, **TINY)
+    model.train(max_epochs=15, batch_size=48, plan_kwargs={"lr": 3e-3}, **FAST)
+    return adata, model
+
+
+# ---------------------------------------------------------------- setup_anndata errors
+def test_setup_missing_layer_names_it():
+    adata = synthetic()
+    with pytest.raises(KeyError, match="'counts' is not in adata.layers"):
+        SCMamba2.setup_anndata(adata, layer="counts")
+
+
+def test_setup_unknown_obs_key():
+    adata = synthetic()
+    with pytest.raises(KeyError, match="'donor' is not a column of adata.obs"):
+        SCMamba2.setup_anndata(adata, batch_key="donor")
+
+
+def test_setup_rejects_normalised_data_and_says_what_to_do():
+    adata = synthetic()
+    adata.X = sparse.csr_matrix(np.log1p(adata.X.toarray()))
+    before = adata.X.copy()
+    with pytest.raises(ValueError, match="non-integer.*layer='counts'"):
+        SCMamba2.setup_anndata(adata)
+    assert (adata.X != before).nnz == 0  # the user's X is untouched
+    SCMamba2.setup_anndata(adata, check_counts=False)  # the explicit opt-out works
+
+
+def test_setup_rejects_nan_and_empty_cells():
+    adata = synthetic()
+    X = adata.X.toarray()
+    X[3, 2] = np.nan
+    adata.X = X
+    with pytest.raises(ValueError, match="NaN"):
+        SCMamba2.setup_anndata(adata)
+    adata = synthetic()
+    X = adata.X.toarray()
+    X[5] = 0
+    adata.X = sparse.csr_matrix(X)
+    with pytest.raises(ValueError, match="1 cell.*no counts.*filter_cells"):
+        SCMamba2.setup_anndata(adata)
+
+
+def test_unknown_preset():
+    adata = synthetic()
+    SCMamba2.setup_anndata(adata)
+    with pytest.raises(ValueError, match="Unknown preset"):
+        SCMamba2(adata, preset="huge")
+
+
+def test_presets_set_sizes_and_explicit_args_override():
+    adata = synthetic(n_cells=30)
+    SCMamba2.setup_anndata(adata)
+    m = SCMamba2(adata, preset="cpu-small", n_layers=1)
+    assert m.module.d_model == 128 and len(m.module.encoder.layers) == 1
+
+
+# ---------------------------------------------------------------- training
+def test_train_on_pbmc68k_records_history():
+    adata = pbmc68k_counts()[:120].copy()
+    SCMamba2.setup_anndata(adata, layer="counts", labels_key="bulk_labels")
+    model = SCMamba2(adata, **TINY)
+    model.train(max_epochs=2, batch_size=32, **FAST)
+    for key in ("train_loss", "gep_train", "gepc_train", "masked_pearson_train", "accuracy_train",
+                "validation_loss"):
+        assert key in model.history, key
+    assert model.is_trained
+
+
+def test_loss_decreases_on_learnable_task(trained):
+    _, model = trained
+    loss = model.history["train_loss"]["train_loss"].to_numpy()
+    assert loss[-1] < 0.7 * loss[0]
+    pearson = model.history["masked_pearson_train"]["masked_pearson_train"].to_numpy()
+    assert pearson[-1] > pearson[0]
+
+
+def test_predict_is_accurate_on_easy_task(trained):
+    adata, model = trained
+    pred = model.predict()
+    assert (pred == adata.obs["cell_type"].astype(str).to_numpy()).mean() > 0.9
+    soft = model.predict(soft=True)
+    assert list(soft.columns) == ["type0", "type1", "type2"]
+    np.testing.assert_allclose(soft.sum(1), 1.0, rtol=1e-5)
+    assert (soft.index == adata.obs_names).all()
+
+
+def test_latent_shape_and_determinism(trained):
+    adata, model = trained
+    z1 = model.get_latent_representation()
+    z2 = model.get_latent_representation(batch_size=17)
+    assert z1.shape == (adata.n_obs, 32)
+    np.testing.assert_allclose(z1, z2, rtol=1e-5, atol=1e-5)
+    sub = model.get_latent_representation(indices=[5, 7])
+    np.testing.assert_allclose(sub, z1[[5, 7]], rtol=1e-5, atol=1e-5)
+
+
+def test_reconstructed_expression_tracks_markers(trained):
+    adata, model = trained
+    rec = model.get_reconstructed_expression(genes=["GENE0", "GENE15"])
+    assert rec.shape == (adata.n_obs, 2)
+    t0 = (adata.obs["cell_type"] == "type0").to_numpy()
+    # GENE0 is a marker of type0: predicted higher there than elsewhere
+    assert rec["GENE0"][t0].mean() > rec["GENE0"][~t0].mean()
+    with pytest.raises(KeyError, match="not in adata.var_names"):
+        model.get_reconstructed_expression(genes=["NOPE"])
+
+
+def test_save_load_identical_embeddings(trained, tmp_path):
+    adata, model = trained
+    model.save(tmp_path / "m", save_anndata=False)
+    loaded = SCMamba2.load(tmp_path / "m", adata=adata)
+    np.testing.assert_allclose(
+        loaded.get_latent_representation(), model.get_latent_representation(), atol=1e-6
+    )
+    assert loaded.label_categories == model.label_categories
+    assert loaded.vocab == model.vocab
+
+
+# ---------------------------------------------------------------- transfer learning
+def _query(adata, genes):
+    q = adata[:, genes].copy()
+    for key in ("_scvi_batch", "_scvi_labels"):
+        q.obs.pop(key)
+    q.uns.clear()
+    return q
+
+
+def test_transfer_gene_subset_and_permutation(trained, tmp_path):
+    adata, model = trained
+    rng = np.random.default_rng(1)
+    full = model.get_latent_representation()
+    perm = _query(adata, list(adata.var_names[rng.permutation(adata.n_vars)]))
+    q = SCMamba2.load_query_data(perm, model)
+    # the same genes in another order give the same embedding (vocabulary order is used)
+    np.testing.assert_allclose(q.get_latent_representation(), full, atol=1e-5)
+    assert q.gene_report_.matched_fraction == 1.0
+    # a subset maps (coverage < 1) and still embeds
+    sub = _query(adata, list(adata.var_names[:45]))
+    model.save(tmp_path / "ref", save_anndata=False)
+    q2 = SCMamba2.load_query_data(sub, tmp_path / "ref")
+    assert q2.get_latent_representation().shape == (adata.n_obs, 32)
+    # and the vocabulary is the reference's, not the query's
+    assert len(q2.vocab) == len(model.vocab)
+
+
+def test_transfer_symbols_vs_ensembl_ids(trained):
+    adata, model = trained
+    q = _query(adata, list(adata.var_names))
+    q.var_names = q.var["gene_id"].to_numpy()  # query keyed by Ensembl IDs (with versions)
+    q.var_names = [f"{g}.3" for g in q.var_names]
+    q.var = q.var.drop(columns=["gene_symbol"])
+    q.var["gene_name"] = adata.var["gene_symbol"].to_numpy()
+    qm = SCMamba2.load_query_data(q, model)
+    np.testing.assert_allclose(
+        qm.get_latent_representation(), model.get_latent_representation(), atol=1e-5
+    )
+
+
+def test_transfer_too_little_overlap_errors(trained):
+    adata, model = trained
+    q = _query(adata, list(adata.var_names[:10]))
+    q.var_names = [f"UNRELATED{i}" for i in range(10)]
+    q.var = q.var.drop(columns=["gene_symbol", "gene_id"])
+    with pytest.raises(ValueError, match="match"):
+        SCMamba2.load_query_data(q, model)
+
+
+def test_get_latent_on_other_adata_without_setup(trained):
+    adata, model = trained
+    other = _query(adata, list(adata.var_names[::-1]))
+    np.testing.assert_allclose(
+        model.get_latent_representation(other), model.get_latent_representation(), atol=1e-5
+    )
+
+
+def test_finetune_after_transfer_keeps_label_space(trained):
+    adata, model = trained
+    q = _query(adata, list(adata.var_names[:50]))
+    qm = SCMamba2.load_query_data(q, model)
+    qm.train(max_steps=2, batch_size=64, **FAST)
+    assert qm.label_categories == model.label_categories
+    assert set(qm.predict()) <= set(model.label_categories)
+
+
+def test_dsbn_and_dar_train(trained):
+    adata, _ = trained
+    adata = adata.copy()
+    SCMamba2.setup_anndata(adata, batch_key="batch")
+    model = SCMamba2(adata, dsbn=True, **TINY)
+    model.train(max_steps=3, batch_size=64, plan_kwargs={"dar_weight": 1.0, "ecs_weight": 0.5},
+                **FAST)
+    assert "dar_train" in model.history and "ecs_train" in model.history
+    assert len(model.module.token_norm.norms) == 2
+    # cells of an unknown batch are embedded with averaged statistics
+    other = adata.copy()
+    other.obs["batch"] = "new"
+    z = model.get_latent_representation(other)
+    assert np.isfinite(z).all()
