@@ -1,0 +1,43 @@
+"""Data layer: gene vocabulary, value transforms, tokenization and streaming corpora."""
+
+from ._binning import VALUE_TRANSFORMS, check_counts, quantile_bin, transform_values
+from ._corpus import (
+    AnnDataCorpus,
+    CellCorpus,
+    H5adShardCorpus,
+    SomaCorpus,
+    corpus_dataloader,
+    shard_info,
+)
+from ._tokenize import (
+    GENE_ORDERS,
+    MASK_VALUE,
+    MODES,
+    PAD_VALUE,
+    Tokenizer,
+    split_by_token_budget,
+)
+from ._vocab import SPECIAL_TOKENS, GeneVocab, MappingReport, strip_ensembl_version
+
+__all__ = [
+    "GENE_ORDERS",
+    "MASK_VALUE",
+    "MODES",
+    "PAD_VALUE",
+    "SPECIAL_TOKENS",
+    "VALUE_TRANSFORMS",
+    "AnnDataCorpus",
+    "CellCorpus",
+    "GeneVocab",
+    "H5adShardCorpus",
+    "MappingReport",
+    "SomaCorpus",
+    "Tokenizer",
+    "check_counts",
+    "corpus_dataloader",
+    "quantile_bin",
+    "shard_info",
+    "split_by_token_budget",
+    "strip_ensembl_version",
+    "transform_values",
+]

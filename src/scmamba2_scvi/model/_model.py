@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 #: Named architecture sizes. ``"cpu-small"`` trains in minutes on a laptop CPU; the ``"paper-*"``
 #: presets are the sizes of the SC-MAMBA2 paper's released scripts (GPU).
 PRESETS: dict[str, dict[str, Any]] = {
-    "cpu-small": {"d_model": 128, "n_layers": 2, "d_state": 32, "head_dim": 32, "expand": 2},
+    "cpu-small": {"d_model": 128, "n_layers": 2, "d_state": 32, "head_dim": 64, "expand": 2},
     "default": {"d_model": 256, "n_layers": 4, "d_state": 64, "head_dim": 64, "expand": 2},
     "paper-medium": {
         "d_model": 768, "n_layers": 24, "d_state": 64, "head_dim": 64, "expand": 2,

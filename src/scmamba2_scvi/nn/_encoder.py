@@ -115,6 +115,11 @@ class BiMamba2Encoder(nn.Module):
         Recompute each block's activations in the backward pass (less memory, ~30% more time).
     backend
         SSD backend, see :func:`scmamba2_scvi.ops.ssd_scan`.
+    cpu_block
+        On CPU, cells are encoded in micro-batches of about this many ``tokens x d_model``
+        elements, so that a block's intermediates stay in the processor's cache: the scan is
+        bound by memory bandwidth, and this is 2.5-4x faster on a 2-core machine with the same
+        result (cells are independent). ``None`` encodes the whole batch at once. Not used on GPU.
 
     Examples
     --------
@@ -142,9 +147,11 @@ class BiMamba2Encoder(nn.Module):
         dropout: float = 0.0,
         checkpointing: bool = False,
         backend: Backend = "auto",
+        cpu_block: int | None = 2**19,
     ):
         super().__init__()
         self.d_model, self.n_layers, self.checkpointing = d_model, n_layers, checkpointing
+        self.cpu_block = cpu_block
         self.layers = nn.ModuleList(
             BiMamba2Block(
                 d_model,
@@ -204,7 +211,23 @@ class BiMamba2Encoder(nn.Module):
                 raise ValueError(
                     "key_padding_mask must pad on the right only (real tokens first, then padding)."
                 )
-        reverse = reverse_index(key_padding_mask, seq_idx, (b, seqlen), device=x.device)
+        per_block = b
+        if self.cpu_block is not None and x.device.type == "cpu":
+            per_block = max(1, self.cpu_block // (seqlen * self.d_model))
+        if per_block >= b:
+            return self._encode(x, key_padding_mask, seq_idx)
+        blocks = [
+            self._encode(
+                x[i : i + per_block],
+                None if key_padding_mask is None else key_padding_mask[i : i + per_block],
+                None if seq_idx is None else seq_idx[i : i + per_block],
+            )
+            for i in range(0, b, per_block)
+        ]
+        return torch.cat(blocks)
+
+    def _encode(self, x, key_padding_mask, seq_idx) -> torch.Tensor:
+        reverse = reverse_index(key_padding_mask, seq_idx, x.shape[:2], device=x.device)
         for layer in self.layers:
             if self.checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, reverse, key_padding_mask, seq_idx, use_reentrant=False)

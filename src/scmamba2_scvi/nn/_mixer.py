@@ -39,12 +39,13 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         """Normalise ``x`` (``(..., dim)``), gated by ``silu(z)`` when given."""
         dtype = x.dtype
-        x = x.float()
+        cdt = torch.promote_types(dtype, torch.float32)  # at least float32, float64 stays
+        x = x.to(cdt)
         if z is not None:
-            x = x * F.silu(z.float())
+            x = x * F.silu(z.to(cdt))
         xg = x.unflatten(-1, (-1, self.group_size))
         xg = xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xg.flatten(-2) * self.weight.float()).to(dtype)
+        return (xg.flatten(-2) * self.weight.to(cdt)).to(dtype)
 
 
 def _init_ssm_params(

@@ -1,0 +1,180 @@
+"""scanpy-style tools write exactly their documented keys; plots; the CLI end to end."""
+
+import json
+import warnings
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+
+matplotlib.use("Agg")
+
+from scmamba2_scvi import SCMamba2, cli, pl, tl  # noqa: E402
+from scmamba2_scvi.datasets import pbmc68k_counts  # noqa: E402
+
+TINY = {"preset": "cpu-small", "d_model": 32, "n_layers": 1, "d_state": 8, "head_dim": 16,
+        "max_len": 64}
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    torch.manual_seed(0)
+    adata = pbmc68k_counts()[:150].copy()
+    SCMamba2.setup_anndata(adata, layer="counts", labels_key="bulk_labels")
+    model = SCMamba2(adata, **TINY)
+    model.train(max_epochs=2, batch_size=50, accelerator="cpu", enable_progress_bar=False)
+    return adata, model
+
+
+def keys(adata):
+    return {
+        "obs": set(adata.obs.columns), "obsm": set(adata.obsm), "layers": set(adata.layers),
+        "uns": set(adata.uns), "obsp": set(adata.obsp), "varm": set(adata.varm),
+        "X": adata.X.copy(),
+    }
+
+
+def added(before, after):
+    out = {k: after[k] - before[k] for k in before if k != "X"}
+    assert (after["X"] != before["X"]).nnz == 0, "X was modified"
+    return {k: v for k, v in out.items() if v}
+
+
+def fresh(adata):
+    a = adata.copy()
+    a.obs = a.obs.drop(columns=["_scvi_labels", "_scvi_batch"], errors="ignore")
+    a.uns.pop("_scvi_uuid", None)
+    a.uns.pop("_scvi_manager_uuid", None)
+    return a
+
+
+def test_embed_writes_only_its_key_and_honours_copy(fitted):
+    adata, model = fitted
+    a = fresh(adata)
+    before = keys(a)
+    assert tl.embed(a, model, key_added="Z") is None
+    assert added(before, keys(a)) == {"obsm": {"Z"}}
+    assert a.obsm["Z"].shape == (a.n_obs, 32)
+    b = fresh(adata)
+    before = keys(b)
+    out = tl.embed(b, model, copy=True)
+    assert "X_scmamba2" in out.obsm and added(before, keys(b)) == {}
+
+
+def test_annotate_writes_label_confidence_probabilities(fitted):
+    adata, model = fitted
+    a = fresh(adata)
+    before = keys(a)
+    tl.annotate(a, model)
+    assert added(before, keys(a)) == {
+        "obs": {"scmamba2_label", "scmamba2_label_confidence"},
+        "obsm": {"scmamba2_label_probabilities"},
+    }
+    probs = a.obsm["scmamba2_label_probabilities"]
+    np.testing.assert_allclose(probs.sum(1), 1, rtol=1e-5)
+    np.testing.assert_allclose(a.obs["scmamba2_label_confidence"], probs.max(1), rtol=1e-6)
+    assert list(a.obs["scmamba2_label"].cat.categories) == model.label_categories
+    out = tl.annotate(fresh(adata), model, key_added="lab", copy=True)
+    assert "lab" in out.obs and "lab_probabilities" in out.obsm
+
+
+def test_reconstruct_writes_layer(fitted):
+    adata, model = fitted
+    a = fresh(adata)
+    before = keys(a)
+    tl.reconstruct(a, model)
+    assert added(before, keys(a)) == {"layers": {"scmamba2_reconstructed"}}
+    rec = a.layers["scmamba2_reconstructed"]
+    assert rec.shape == a.shape and np.isfinite(rec).all()  # every gene is in the vocabulary
+
+
+def test_pseudotime_keys_and_root_forms(fitted):
+    adata, model = fitted
+    a = fresh(adata)
+    tl.embed(a, model)
+    before = keys(a)
+    tl.pseudotime(a, root=0)
+    assert added(before, keys(a)) == {"obs": {"scmamba2_pseudotime"}, "uns": {"scmamba2_pseudotime"}}
+    pt = a.obs["scmamba2_pseudotime"].to_numpy()
+    assert pt[0] == 0 and np.nanmax(pt[np.isfinite(pt)]) <= 1
+    # the root as a cell name, and as a category with PAGA
+    b = tl.pseudotime(a, root=a.obs_names[3], copy=True)
+    assert b.obs["scmamba2_pseudotime"].iloc[3] == 0
+    before = keys(a)
+    tl.pseudotime(a, root="CD14+ Monocyte", groups="bulk_labels", key_added="pt")
+    assert added(before, keys(a)) == {"obs": {"pt"}, "uns": {"pt", "paga", "bulk_labels_sizes"}}
+    root = a.uns["pt"]["root"]
+    assert a.obs["bulk_labels"].iloc[root] == "CD14+ Monocyte"
+    with pytest.raises(KeyError, match="X_nothing"):
+        tl.pseudotime(a, use_rep="X_nothing", root=0)
+
+
+def test_plots_save_files(fitted, tmp_path):
+    adata, model = fitted
+    a = fresh(adata)
+    tl.embed(a, model)
+    tl.annotate(a, model)
+    before = keys(a)
+    pl.history(model, save=tmp_path / "h.png")
+    pl.confusion(a, "bulk_labels", "scmamba2_label", save=tmp_path / "c.png")
+    pl.umap(a, color="bulk_labels", save=tmp_path / "u.png")
+    for name in ("h.png", "c.png", "u.png"):
+        assert (tmp_path / name).stat().st_size > 5000
+    assert added(before, keys(a)) == {}  # plotting writes nothing into adata
+
+
+def test_cli_help_for_every_subcommand(capsys):
+    for sub in ("demo", "pretrain", "finetune", "embed", "annotate"):
+        with pytest.raises(SystemExit) as e:
+            cli.main([sub, "--help"])
+        assert e.value.code == 0
+        assert "usage: scmamba2" in capsys.readouterr().out
+
+
+def test_cli_demo_end_to_end_reduced(tmp_path, capsys):
+    out = tmp_path / "demo"
+    cli.main(["demo", "--out", str(out), "--epochs", "1", "--max-len", "64", "--preset",
+              "cpu-small", "--accelerator", "cpu"])
+    printed = capsys.readouterr().out
+    assert "SCMamba2" in printed and "LogReg on PCA" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    for method in ("SCMamba2", "LogReg on PCA"):
+        assert 0 <= metrics["metrics"][method]["accuracy"] <= 1
+    assert metrics["n_train"] == 560 and metrics["n_test"] == 140
+    for name in ("umap.png", "confusion.png", "training.png", "pbmc68k_scmamba2.h5ad"):
+        assert (out / name).exists(), name
+    import anndata as ad
+
+    res = ad.read_h5ad(out / "pbmc68k_scmamba2.h5ad")
+    assert "X_scmamba2" in res.obsm and "scmamba2_label" in res.obs
+    assert (res.obs["split"] == "test").sum() == 140
+
+
+def test_cli_pretrain_embed_annotate_finetune(tmp_path):
+    adata = pbmc68k_counts()[:120].copy()
+    path = tmp_path / "cells.h5ad"
+    adata.write_h5ad(path)
+    model_dir = tmp_path / "pre"
+    cli.main(["pretrain", str(path), "--out", str(model_dir), "--epochs", "1", "--max-len",
+              "32", "--layer", "counts", "--accelerator", "cpu"])
+    assert (model_dir / "model.pt").exists()
+    ft_dir = tmp_path / "ft"
+    with pytest.raises(SystemExit, match="no classifier"):
+        cli.main(["finetune", str(path), "--model", str(model_dir), "--out", str(ft_dir),
+                  "--labels-key", "bulk_labels", "--epochs", "1"])
+    emb = tmp_path / "emb.h5ad"
+    cli.main(["embed", str(path), "--model", str(model_dir), "--output", str(emb)])
+    import anndata as ad
+
+    assert ad.read_h5ad(emb).obsm["X_scmamba2"].shape == (120, 128)
+    with pytest.raises(SystemExit, match="does not exist"):
+        cli.main(["embed", str(tmp_path / "missing.h5ad"), "--model", str(model_dir),
+                  "--output", str(emb)])
