@@ -71,16 +71,18 @@ def _build(kind: str, d_model: int, backend: str):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             b, length, d = x.shape
             q, k, v = self.qkv(self.norm1(x)).view(b, length, 3, self.n_heads, -1).unbind(2)
-            a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                               v.transpose(1, 2))
+            a = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            )
             x = x + self.out(a.transpose(1, 2).reshape(b, length, d))
             return x + self.ff(self.norm2(x))
 
     return AttentionLayer(d_model, max(1, d_model // 32))
 
 
-def _measure(kind: str, length: int, d_model: int, device: str, backend: str, repeats: int,
-             queue) -> None:
+def _measure(
+    kind: str, length: int, d_model: int, device: str, backend: str, repeats: int, queue
+) -> None:
     """Run in a subprocess: build, warm up, time forward+backward, report peak memory."""
     try:
         import torch
@@ -117,19 +119,26 @@ def _measure(kind: str, length: int, d_model: int, device: str, backend: str, re
             t0 = time.perf_counter()
             step()
             times.append(time.perf_counter() - t0)
-        peak = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
-                else _peak_rss_mb()) - base
-        queue.put({"time_s": statistics.median(times), "peak_mem_mb": round(peak, 1),
-                   "compile_s": compile_s})
-    except Exception as e:  # noqa: BLE001 - report any failure (OOM, missing kernel) as a row
+        peak = (
+            torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else _peak_rss_mb()
+        ) - base
+        queue.put(
+            {
+                "time_s": statistics.median(times),
+                "peak_mem_mb": round(peak, 1),
+                "compile_s": compile_s,
+            }
+        )
+    except Exception as e:
         queue.put({"error": f"{type(e).__name__}: {e}"[:300]})
 
 
 def measure(kind, length, d_model, device, backend="torch", repeats=2, timeout=1800):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_measure,
-                       args=(kind, length, d_model, device, backend, repeats, queue))
+    proc = ctx.Process(
+        target=_measure, args=(kind, length, d_model, device, backend, repeats, queue)
+    )
     proc.start()
     proc.join(timeout)
     if proc.is_alive():
@@ -141,16 +150,29 @@ def measure(kind, length, d_model, device, backend="torch", repeats=2, timeout=1
 def machine_info(device: str) -> dict:
     import torch
 
-    info = {"device": device, "torch": torch.__version__, "python": platform.python_version(),
-            "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(), "date": dt.date.today().isoformat()}
+    info = {
+        "device": device,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "date": dt.date.today().isoformat(),
+    }
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info
 
 
-def run(device: str, lengths: list[int], d_model: int, budget_s: float, budget_mb: float,
-        compile_: bool, repeats: int) -> list[dict]:
+def run(
+    device: str,
+    lengths: list[int],
+    d_model: int,
+    budget_s: float,
+    budget_mb: float,
+    compile_: bool,
+    repeats: int,
+) -> list[dict]:
     from scmamba2_scvi.ops import mamba_ssm_available
 
     kinds = [("mamba", "torch")]
@@ -168,17 +190,25 @@ def run(device: str, lengths: list[int], d_model: int, budget_s: float, budget_m
                 proj_t = last_attn["time_s"] * scale
                 proj_m = max(last_attn["peak_mem_mb"], 1.0) * scale
                 if proj_t > budget_s or proj_m > budget_mb:
-                    row["skipped"] = (f"projected {proj_t:.0f} s / {proj_m:.0f} MB exceeds the "
-                                      f"budget ({budget_s:.0f} s / {budget_mb:.0f} MB)")
+                    row["skipped"] = (
+                        f"projected {proj_t:.0f} s / {proj_m:.0f} MB exceeds the "
+                        f"budget ({budget_s:.0f} s / {budget_mb:.0f} MB)"
+                    )
             if "skipped" not in row:
                 row.update(measure(kind, length, d_model, device, backend, repeats))
                 if kind == "attention" and "time_s" in row:
                     last_attn = row
             rows.append(row)
             shown = row.get("time_s")
-            print(f"  {device} {kind:14s} {backend:9s} L={length:6d}  "
-                  + (f"{shown:8.3f} s  {row['peak_mem_mb']:9.1f} MB" if shown is not None
-                     else row.get("skipped") or row.get("error")), flush=True)
+            print(
+                f"  {device} {kind:14s} {backend:9s} L={length:6d}  "
+                + (
+                    f"{shown:8.3f} s  {row['peak_mem_mb']:9.1f} MB"
+                    if shown is not None
+                    else row.get("skipped") or row.get("error")
+                ),
+                flush=True,
+            )
     return rows
 
 
@@ -198,22 +228,33 @@ def summarize(rows: list[dict]) -> dict:
         for length in lengths:
             if t(kind, length) and t("attention", length):
                 out[f"attention_over_{kind}_at_{length}"] = round(
-                    t("attention", length) / t(kind, length), 2)
+                    t("attention", length) / t(kind, length), 2
+                )
     return out
 
 
 def markdown(results: dict) -> str:
-    lines = [f"# Encoder scaling ({results['machine']['device']}, {results['machine']['date']})",
-             "", f"Machine: `{json.dumps(results['machine'])}`", "",
-             f"One layer, d_model {results['d_model']}, batch 1, forward + backward.", "",
-             "| impl | SSD backend | length | time (s) | peak memory (MB) | note |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"# Encoder scaling ({results['machine']['device']}, {results['machine']['date']})",
+        "",
+        f"Machine: `{json.dumps(results['machine'])}`",
+        "",
+        f"One layer, d_model {results['d_model']}, batch 1, forward + backward.",
+        "",
+        "| impl | SSD backend | length | time (s) | peak memory (MB) | note |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in results["rows"]:
-        note = r.get("skipped") or r.get("error") or (
-            f"compile {r['compile_s']:.0f} s" if r.get("compile_s") else "")
+        note = (
+            r.get("skipped")
+            or r.get("error")
+            or (f"compile {r['compile_s']:.0f} s" if r.get("compile_s") else "")
+        )
         time_s = f"{r['time_s']:.3f}" if "time_s" in r else "-"
         mem = f"{r['peak_mem_mb']:.0f}" if "peak_mem_mb" in r else "-"
-        lines.append(f"| {r['impl']} | {r['backend']} | {r['length']} | {time_s} | {mem} | {note} |")
+        lines.append(
+            f"| {r['impl']} | {r['backend']} | {r['length']} | {time_s} | {mem} | {note} |"
+        )
     lines += ["", "Summary: " + ", ".join(f"{k} = {v}" for k, v in results["summary"].items()), ""]
     return "\n".join(lines)
 
@@ -223,32 +264,57 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
     parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--budget-s", type=float, default=120.0,
-                        help="stop attention when its projected time exceeds this")
-    parser.add_argument("--budget-mb", type=float, default=16000.0,
-                        help="stop attention when its projected peak memory exceeds this")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=120.0,
+        help="stop attention when its projected time exceeds this",
+    )
+    parser.add_argument(
+        "--budget-mb",
+        type=float,
+        default=16000.0,
+        help="stop attention when its projected peak memory exceeds this",
+    )
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--quick", action="store_true",
-                        help="small sizes for a smoke run (no results written)")
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes for a smoke run (no results written)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: results/)")
     args = parser.parse_args(argv)
     import torch
 
     if args.quick:
         args.lengths, args.d_model, args.no_compile, args.repeats = [512, 2048], 64, True, 1
-    devices = (["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-               if args.device == "auto" else [args.device])
+    devices = (
+        ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        if args.device == "auto"
+        else [args.device]
+    )
     for device in devices:
         print(f"encoder scaling on {device}: d_model={args.d_model}, lengths={args.lengths}")
-        rows = run(device, args.lengths, args.d_model, args.budget_s, args.budget_mb,
-                   not args.no_compile, args.repeats)
-        results = {"benchmark": "encoder_scaling", "machine": machine_info(device),
-                   "d_model": args.d_model, "rows": rows, "summary": summarize(rows)}
+        rows = run(
+            device,
+            args.lengths,
+            args.d_model,
+            args.budget_s,
+            args.budget_mb,
+            not args.no_compile,
+            args.repeats,
+        )
+        results = {
+            "benchmark": "encoder_scaling",
+            "machine": machine_info(device),
+            "d_model": args.d_model,
+            "rows": rows,
+            "summary": summarize(rows),
+        }
         print(markdown(results))
         if not args.quick:
             name = "encoder_scaling_" + (
-                "cpu" if device == "cpu" else torch.cuda.get_device_name().split()[-1].lower())
+                "cpu" if device == "cpu" else torch.cuda.get_device_name().split()[-1].lower()
+            )
             out = args.out or RESULTS / f"{name}.json"
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(results, indent=2))

@@ -12,8 +12,15 @@ from scipy import sparse
 from scmamba2_scvi import SCMamba2
 from scmamba2_scvi.datasets import pbmc68k_counts
 
-TINY = {"preset": "cpu-small", "d_model": 32, "n_layers": 1, "d_state": 8, "head_dim": 16,
-        "max_len": 64, "dropout": 0.0}
+TINY = {
+    "preset": "cpu-small",
+    "d_model": 32,
+    "n_layers": 1,
+    "d_state": 8,
+    "head_dim": 16,
+    "max_len": 64,
+    "dropout": 0.0,
+}
 FAST = {"accelerator": "cpu", "enable_progress_bar": False}
 
 
@@ -38,8 +45,10 @@ def synthetic(n_cells=240, n_genes=60, n_types=3, seed=0, symbols=True):
     sym = [f"GENE{i}" for i in range(n_genes)]
     var = pd.DataFrame({"gene_symbol": sym, "gene_id": ens}, index=sym if symbols else ens)
     obs = pd.DataFrame(
-        {"cell_type": pd.Categorical([f"type{t}" for t in labels]),
-         "batch": pd.Categorical(rng.choice(["a", "b"], n_cells))},
+        {
+            "cell_type": pd.Categorical([f"type{t}" for t in labels]),
+            "batch": pd.Categorical(rng.choice(["a", "b"], n_cells)),
+        },
         index=[f"cell{i}" for i in range(n_cells)],
     )
     return ad.AnnData(sparse.csr_matrix(counts), obs=obs, var=var)
@@ -59,13 +68,13 @@ def trained():
 # ---------------------------------------------------------------- setup_anndata errors
 def test_setup_missing_layer_names_it():
     adata = synthetic()
-    with pytest.raises(KeyError, match="'counts' is not in adata.layers"):
+    with pytest.raises(KeyError, match=r"'counts' is not in adata.layers"):
         SCMamba2.setup_anndata(adata, layer="counts")
 
 
 def test_setup_unknown_obs_key():
     adata = synthetic()
-    with pytest.raises(KeyError, match="'donor' is not a column of adata.obs"):
+    with pytest.raises(KeyError, match=r"'donor' is not a column of adata.obs"):
         SCMamba2.setup_anndata(adata, batch_key="donor")
 
 
@@ -73,7 +82,7 @@ def test_setup_rejects_normalised_data_and_says_what_to_do():
     adata = synthetic()
     adata.X = sparse.csr_matrix(np.log1p(adata.X.toarray()))
     before = adata.X.copy()
-    with pytest.raises(ValueError, match="non-integer.*layer='counts'"):
+    with pytest.raises(ValueError, match=r"non-integer.*layer='counts'"):
         SCMamba2.setup_anndata(adata)
     assert (adata.X != before).nnz == 0  # the user's X is untouched
     SCMamba2.setup_anndata(adata, check_counts=False)  # the explicit opt-out works
@@ -90,7 +99,7 @@ def test_setup_rejects_nan_and_empty_cells():
     X = adata.X.toarray()
     X[5] = 0
     adata.X = sparse.csr_matrix(X)
-    with pytest.raises(ValueError, match="1 cell.*no counts.*filter_cells"):
+    with pytest.raises(ValueError, match=r"1 cell.*no counts.*filter_cells"):
         SCMamba2.setup_anndata(adata)
 
 
@@ -114,8 +123,14 @@ def test_train_on_pbmc68k_records_history():
     SCMamba2.setup_anndata(adata, layer="counts", labels_key="bulk_labels")
     model = SCMamba2(adata, **TINY)
     model.train(max_epochs=2, batch_size=32, **FAST)
-    for key in ("train_loss", "gep_train", "gepc_train", "masked_pearson_train", "accuracy_train",
-                "validation_loss"):
+    for key in (
+        "train_loss",
+        "gep_train",
+        "gepc_train",
+        "masked_pearson_train",
+        "accuracy_train",
+        "validation_loss",
+    ):
         assert key in model.history, key
     assert model.is_trained
 
@@ -155,7 +170,7 @@ def test_reconstructed_expression_tracks_markers(trained):
     t0 = (adata.obs["cell_type"] == "type0").to_numpy()
     # GENE0 is a marker of type0: predicted higher there than elsewhere
     assert rec["GENE0"][t0].mean() > rec["GENE0"][~t0].mean()
-    with pytest.raises(KeyError, match="not in adata.var_names"):
+    with pytest.raises(KeyError, match=r"not in adata.var_names"):
         model.get_reconstructed_expression(genes=["NOPE"])
 
 
@@ -241,8 +256,9 @@ def test_dsbn_and_dar_train(trained):
     adata = adata.copy()
     SCMamba2.setup_anndata(adata, batch_key="batch")
     model = SCMamba2(adata, dsbn=True, **TINY)
-    model.train(max_steps=3, batch_size=64, plan_kwargs={"dar_weight": 1.0, "ecs_weight": 0.5},
-                **FAST)
+    model.train(
+        max_steps=3, batch_size=64, plan_kwargs={"dar_weight": 1.0, "ecs_weight": 0.5}, **FAST
+    )
     assert "dar_train" in model.history and "ecs_train" in model.history
     assert len(model.module.token_norm.norms) == 2
     # cells of an unknown batch are embedded with averaged statistics

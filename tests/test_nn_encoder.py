@@ -1,4 +1,4 @@
-"""Bidirectional Mamba2 encoder: padding, bidirectionality, reference flips, packing, checkpointing."""
+"""Bidirectional Mamba2 encoder: padding, both directions, reference flips, packing, checkpoints."""
 
 import io
 
@@ -109,8 +109,9 @@ def test_state_dict_round_trip(bidirectional):
     torch.save(enc.state_dict(), buf)
     buf.seek(0)
     torch.manual_seed(123)  # a different initialisation...
-    other = BiMamba2Encoder(32, 2, bidirectional=bidirectional, ffn=True,
-                            d_state=8, head_dim=8, chunk_size=8).double()
+    other = BiMamba2Encoder(
+        32, 2, bidirectional=bidirectional, ffn=True, d_state=8, head_dim=8, chunk_size=8
+    ).double()
     x = rand(2, 20, 32)
     assert not torch.allclose(other(x), enc(x))
     other.load_state_dict(torch.load(buf))  # ...is overwritten by the saved weights
@@ -137,7 +138,9 @@ def test_checkpointing_gives_same_gradients(bidirectional):
 
 def test_ffn_option_adds_parameters_and_changes_output():
     plain, with_ffn = small_encoder("shared_flip"), small_encoder("shared_flip", ffn=True)
-    assert sum(p.numel() for p in with_ffn.parameters()) > sum(p.numel() for p in plain.parameters())
+    assert sum(p.numel() for p in with_ffn.parameters()) > sum(
+        p.numel() for p in plain.parameters()
+    )
     assert with_ffn.layers[0].ffn is not None and plain.layers[0].ffn is None
 
 

@@ -55,8 +55,11 @@ CASES = [
 def test_matches_recurrence_fp64(case, d_shape):
     b, length, h, p, g, n, q = case
     x, dt, A, B, C = make_case(b, length, h, p, g, n, torch.float64, seed=length + h)
-    D = {"none": None, "heads": torch.randn(h, dtype=torch.float64),
-         "heads_x_dim": torch.randn(h, p, dtype=torch.float64)}[d_shape]
+    D = {
+        "none": None,
+        "heads": torch.randn(h, dtype=torch.float64),
+        "heads_x_dim": torch.randn(h, p, dtype=torch.float64),
+    }[d_shape]
     y, s = ssd_scan(x, dt, A, B, C, D=D, chunk_size=q, return_final_state=True, backend="torch")
     y_ref, s_ref = naive_scan(x, dt, A, B, C, D)
     assert y.dtype == torch.float64 and y.shape == x.shape
@@ -72,10 +75,18 @@ def test_initial_state_and_final_state_chain():
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(s, s_ref, rtol=1e-10, atol=1e-10)
     # scanning two halves with the first half's final state as initial state equals one scan
-    y1, s1 = ssd_scan(*(t[:, :41] if t.dim() > 1 else t for t in (x, dt, A, B, C)),
-                      chunk_size=16, initial_state=s0, return_final_state=True)
-    y2, s2 = ssd_scan(*(t[:, 41:] if t.dim() > 1 else t for t in (x, dt, A, B, C)),
-                      chunk_size=16, initial_state=s1, return_final_state=True)
+    y1, s1 = ssd_scan(
+        *(t[:, :41] if t.dim() > 1 else t for t in (x, dt, A, B, C)),
+        chunk_size=16,
+        initial_state=s0,
+        return_final_state=True,
+    )
+    y2, s2 = ssd_scan(
+        *(t[:, 41:] if t.dim() > 1 else t for t in (x, dt, A, B, C)),
+        chunk_size=16,
+        initial_state=s1,
+        return_final_state=True,
+    )
     torch.testing.assert_close(torch.cat([y1, y2], 1), y_ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(s2, s_ref, rtol=1e-10, atol=1e-10)
 
@@ -83,7 +94,9 @@ def test_initial_state_and_final_state_chain():
 def test_seq_idx_equals_separate_sequences():
     lengths = [23, 40, 7, 50]
     x, dt, A, B, C = make_case(1, sum(lengths), 4, 8, 2, 16, torch.float64, seed=11)
-    seq_idx = torch.repeat_interleave(torch.arange(4, dtype=torch.int32), torch.tensor(lengths))[None]
+    seq_idx = torch.repeat_interleave(torch.arange(4, dtype=torch.int32), torch.tensor(lengths))[
+        None
+    ]
     D = torch.randn(4, dtype=torch.float64)
     y, s = ssd_scan(x, dt, A, B, C, D=D, chunk_size=16, seq_idx=seq_idx, return_final_state=True)
     y_ref, s_ref = naive_scan(x, dt, A, B, C, D, seq_idx=seq_idx)
@@ -92,8 +105,9 @@ def test_seq_idx_equals_separate_sequences():
     start = 0
     for length in lengths:
         sl = slice(start, start + length)
-        alone, s_alone = ssd_scan(x[:, sl], dt[:, sl], A, B[:, sl], C[:, sl], D=D, chunk_size=16,
-                                  return_final_state=True)
+        alone, s_alone = ssd_scan(
+            x[:, sl], dt[:, sl], A, B[:, sl], C[:, sl], D=D, chunk_size=16, return_final_state=True
+        )
         torch.testing.assert_close(y[:, sl], alone, rtol=1e-10, atol=1e-10)
         start += length
     torch.testing.assert_close(s, s_alone, rtol=1e-10, atol=1e-10)  # final state = last sequence's
@@ -176,7 +190,7 @@ def test_input_validation_messages():
 @pytest.mark.skipif(mamba_ssm_available() and torch.cuda.is_available(), reason="kernel present")
 def test_forcing_mamba_ssm_without_it_explains_the_fix():
     x, dt, A, B, C = make_case(1, 10, 2, 2, 1, 3, torch.float32, seed=0)
-    with pytest.raises(RuntimeError, match="mamba-ssm|CUDA"):
+    with pytest.raises(RuntimeError, match=r"mamba-ssm|CUDA"):
         ssd_scan(x, dt, A, B, C, backend="mamba_ssm")
 
 

@@ -10,11 +10,17 @@ import torch
 
 matplotlib.use("Agg")
 
-from scmamba2_scvi import SCMamba2, cli, pl, tl  # noqa: E402
-from scmamba2_scvi.datasets import pbmc68k_counts  # noqa: E402
+from scmamba2_scvi import SCMamba2, cli, pl, tl
+from scmamba2_scvi.datasets import pbmc68k_counts
 
-TINY = {"preset": "cpu-small", "d_model": 32, "n_layers": 1, "d_state": 8, "head_dim": 16,
-        "max_len": 64}
+TINY = {
+    "preset": "cpu-small",
+    "d_model": 32,
+    "n_layers": 1,
+    "d_state": 8,
+    "head_dim": 16,
+    "max_len": 64,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -36,8 +42,12 @@ def fitted():
 
 def keys(adata):
     return {
-        "obs": set(adata.obs.columns), "obsm": set(adata.obsm), "layers": set(adata.layers),
-        "uns": set(adata.uns), "obsp": set(adata.obsp), "varm": set(adata.varm),
+        "obs": set(adata.obs.columns),
+        "obsm": set(adata.obsm),
+        "layers": set(adata.layers),
+        "uns": set(adata.uns),
+        "obsp": set(adata.obsp),
+        "varm": set(adata.varm),
         "X": adata.X.copy(),
     }
 
@@ -102,7 +112,10 @@ def test_pseudotime_keys_and_root_forms(fitted):
     tl.embed(a, model)
     before = keys(a)
     tl.pseudotime(a, root=0)
-    assert added(before, keys(a)) == {"obs": {"scmamba2_pseudotime"}, "uns": {"scmamba2_pseudotime"}}
+    assert added(before, keys(a)) == {
+        "obs": {"scmamba2_pseudotime"},
+        "uns": {"scmamba2_pseudotime"},
+    }
     pt = a.obs["scmamba2_pseudotime"].to_numpy()
     assert pt[0] == 0 and np.nanmax(pt[np.isfinite(pt)]) <= 1
     # the root as a cell name, and as a category with PAGA
@@ -141,8 +154,21 @@ def test_cli_help_for_every_subcommand(capsys):
 
 def test_cli_demo_end_to_end_reduced(tmp_path, capsys):
     out = tmp_path / "demo"
-    cli.main(["demo", "--out", str(out), "--epochs", "1", "--max-len", "64", "--preset",
-              "cpu-small", "--accelerator", "cpu"])
+    cli.main(
+        [
+            "demo",
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--max-len",
+            "64",
+            "--preset",
+            "cpu-small",
+            "--accelerator",
+            "cpu",
+        ]
+    )
     printed = capsys.readouterr().out
     assert "SCMamba2" in printed and "LogReg on PCA" in printed
     metrics = json.loads((out / "metrics.json").read_text())
@@ -163,18 +189,52 @@ def test_cli_pretrain_embed_annotate_finetune(tmp_path):
     path = tmp_path / "cells.h5ad"
     adata.write_h5ad(path)
     model_dir = tmp_path / "pre"
-    cli.main(["pretrain", str(path), "--out", str(model_dir), "--epochs", "1", "--max-len",
-              "32", "--layer", "counts", "--accelerator", "cpu"])
+    cli.main(
+        [
+            "pretrain",
+            str(path),
+            "--out",
+            str(model_dir),
+            "--epochs",
+            "1",
+            "--max-len",
+            "32",
+            "--layer",
+            "counts",
+            "--accelerator",
+            "cpu",
+        ]
+    )
     assert (model_dir / "model.pt").exists()
     ft_dir = tmp_path / "ft"
     with pytest.raises(SystemExit, match="no classifier"):
-        cli.main(["finetune", str(path), "--model", str(model_dir), "--out", str(ft_dir),
-                  "--labels-key", "bulk_labels", "--epochs", "1"])
+        cli.main(
+            [
+                "finetune",
+                str(path),
+                "--model",
+                str(model_dir),
+                "--out",
+                str(ft_dir),
+                "--labels-key",
+                "bulk_labels",
+                "--epochs",
+                "1",
+            ]
+        )
     emb = tmp_path / "emb.h5ad"
     cli.main(["embed", str(path), "--model", str(model_dir), "--output", str(emb)])
     import anndata as ad
 
     assert ad.read_h5ad(emb).obsm["X_scmamba2"].shape == (120, 128)
     with pytest.raises(SystemExit, match="does not exist"):
-        cli.main(["embed", str(tmp_path / "missing.h5ad"), "--model", str(model_dir),
-                  "--output", str(emb)])
+        cli.main(
+            [
+                "embed",
+                str(tmp_path / "missing.h5ad"),
+                "--model",
+                str(model_dir),
+                "--output",
+                str(emb),
+            ]
+        )

@@ -91,26 +91,37 @@ def demo(args: argparse.Namespace) -> dict:
     adata.obs.iloc[test_idx, adata.obs.columns.get_loc("split")] = "test"
     train = adata[np.sort(train_idx)].copy()
     test = adata[np.sort(test_idx)].copy()
-    print(f"pbmc68k_reduced: {adata.n_obs} cells x {adata.n_vars} genes, {key}: "
-          f"{adata.obs[key].nunique()} types; stratified split {train.n_obs} train / "
-          f"{test.n_obs} held out")
+    print(
+        f"pbmc68k_reduced: {adata.n_obs} cells x {adata.n_vars} genes, {key}: "
+        f"{adata.obs[key].nunique()} types; stratified split {train.n_obs} train / "
+        f"{test.n_obs} held out"
+    )
 
     SCMamba2.setup_anndata(train, layer="counts", labels_key=key)
     model = SCMamba2(train, preset=args.preset, max_len=args.max_len)
     print(model._model_summary_string)
     t0 = time.perf_counter()
-    model.train(max_epochs=args.epochs, batch_size=args.batch_size, accelerator=args.accelerator,
-                plan_kwargs={"lr": args.lr}, train_size=0.9)
+    model.train(
+        max_epochs=args.epochs,
+        batch_size=args.batch_size,
+        accelerator=args.accelerator,
+        plan_kwargs={"lr": args.lr},
+        train_size=0.9,
+    )
     train_s = time.perf_counter() - t0
 
     pred = model.predict(test)
     truth = test.obs[key].astype(str).to_numpy()
     baseline = lr_pca_baseline(train, test, key, seed=args.seed)
     metrics = {
-        "SCMamba2": {"accuracy": accuracy_score(truth, pred),
-                     "macro_f1": f1_score(truth, pred, average="macro")},
-        "LogReg on PCA": {"accuracy": accuracy_score(truth, baseline),
-                          "macro_f1": f1_score(truth, baseline, average="macro")},
+        "SCMamba2": {
+            "accuracy": accuracy_score(truth, pred),
+            "macro_f1": f1_score(truth, pred, average="macro"),
+        },
+        "LogReg on PCA": {
+            "accuracy": accuracy_score(truth, baseline),
+            "macro_f1": f1_score(truth, baseline, average="macro"),
+        },
     }
 
     tl.embed(adata, model)
@@ -123,9 +134,15 @@ def demo(args: argparse.Namespace) -> dict:
     adata.write_h5ad(out / "pbmc68k_scmamba2.h5ad")
     model.save(out / "model", overwrite=True, save_anndata=False)
     elapsed = time.perf_counter() - t_start
-    summary = {"metrics": metrics, "train_seconds": round(train_s, 1),
-               "total_seconds": round(elapsed, 1), "epochs": args.epochs, "preset": args.preset,
-               "n_train": train.n_obs, "n_test": test.n_obs}
+    summary = {
+        "metrics": metrics,
+        "train_seconds": round(train_s, 1),
+        "total_seconds": round(elapsed, 1),
+        "epochs": args.epochs,
+        "preset": args.preset,
+        "n_train": train.n_obs,
+        "n_test": test.n_obs,
+    }
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
 
     print(f"\nHeld-out annotation ({test.n_obs} cells, {key}):")
@@ -133,8 +150,10 @@ def demo(args: argparse.Namespace) -> dict:
     for name, m in metrics.items():
         print(f"  {name:16s} {m['accuracy']:9.3f} {m['macro_f1']:9.3f}")
     print(f"\ntrained in {train_s:.0f} s; whole demo {elapsed:.0f} s")
-    print(f"wrote {out}/: pbmc68k_scmamba2.h5ad (obsm X_scmamba2, obs scmamba2_label), "
-          "umap.png, confusion.png, training.png, metrics.json, model/")
+    print(
+        f"wrote {out}/: pbmc68k_scmamba2.h5ad (obsm X_scmamba2, obs scmamba2_label), "
+        "umap.png, confusion.png, training.png, metrics.json, model/"
+    )
     sc.settings.verbosity = 0
     return summary
 
@@ -147,12 +166,19 @@ def pretrain(args: argparse.Namespace) -> None:
 
     adatas = [_read(p) for p in args.input]
     adata = adatas[0] if len(adatas) == 1 else ad.concat(adatas, join="outer", fill_value=0)
-    SCMamba2.setup_anndata(adata, layer=args.layer, batch_key=args.batch_key,
-                           gene_key=args.gene_key)
+    SCMamba2.setup_anndata(
+        adata, layer=args.layer, batch_key=args.batch_key, gene_key=args.gene_key
+    )
     model = SCMamba2(adata, preset=args.preset, max_len=args.max_len, mode=args.mode)
     print(model._model_summary_string)
-    model.train(max_epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
-                accelerator=args.accelerator, devices=args.devices, plan_kwargs={"lr": args.lr})
+    model.train(
+        max_epochs=args.epochs,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        accelerator=args.accelerator,
+        devices=args.devices,
+        plan_kwargs={"lr": args.lr},
+    )
     model.save(args.out, overwrite=True, save_anndata=False)
     print(f"saved the pretrained model to {args.out}")
 
@@ -162,14 +188,25 @@ def finetune(args: argparse.Namespace) -> None:
     from .model import SCMamba2
 
     adata = _read(args.input)
-    model = SCMamba2.load_query_data(adata, args.model, layer=args.layer,
-                                     batch_key=args.batch_key, labels_key=args.labels_key,
-                                     gene_key=args.gene_key)
+    model = SCMamba2.load_query_data(
+        adata,
+        args.model,
+        layer=args.layer,
+        batch_key=args.batch_key,
+        labels_key=args.labels_key,
+        gene_key=args.gene_key,
+    )
     if args.labels_key is not None and not model.label_categories:
-        raise SystemExit("error: the reference model has no classifier; pretrain with labels or "
-                         "train a new model with SCMamba2(adata) after setup_anndata(labels_key).")
-    model.train(max_epochs=args.epochs, batch_size=args.batch_size, accelerator=args.accelerator,
-                plan_kwargs={"lr": args.lr})
+        raise SystemExit(
+            "error: the reference model has no classifier; pretrain with labels or "
+            "train a new model with SCMamba2(adata) after setup_anndata(labels_key)."
+        )
+    model.train(
+        max_epochs=args.epochs,
+        batch_size=args.batch_size,
+        accelerator=args.accelerator,
+        plan_kwargs={"lr": args.lr},
+    )
     model.save(args.out, overwrite=True, save_anndata=False)
     print(f"saved the fine-tuned model to {args.out}")
 
@@ -179,8 +216,9 @@ def _apply(args: argparse.Namespace, tool: str) -> None:
     from .model import SCMamba2
 
     adata = _read(args.input)
-    model = SCMamba2.load_query_data(adata, args.model, gene_key=args.gene_key,
-                                     labels_key=None, batch_key="reference")
+    model = SCMamba2.load_query_data(
+        adata, args.model, gene_key=args.gene_key, labels_key=None, batch_key="reference"
+    )
     if tool == "embed":
         tl.embed(adata, model, key_added=args.key)
     else:
@@ -199,21 +237,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p, epochs: int, preset: bool = True):
         if preset:
-            p.add_argument("--preset", default="cpu-small",
-                           help="architecture preset (cpu-small, default, paper-medium, "
-                                "paper-large); default: %(default)s")
-            p.add_argument("--max-len", type=int, default=1024,
-                           help="max tokens per cell; default: %(default)s")
+            p.add_argument(
+                "--preset",
+                default="cpu-small",
+                help="architecture preset (cpu-small, default, paper-medium, "
+                "paper-large); default: %(default)s",
+            )
+            p.add_argument(
+                "--max-len",
+                type=int,
+                default=1024,
+                help="max tokens per cell; default: %(default)s",
+            )
         p.add_argument("--epochs", type=int, default=epochs, help="default: %(default)s")
         p.add_argument("--batch-size", type=int, default=64, help="default: %(default)s")
         p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
         p.add_argument("--accelerator", default="auto", help="cpu, gpu or auto")
 
-    p = sub.add_parser("demo", help="annotate held-out pbmc68k_reduced cells (built-in data)",
-                       description=demo.__doc__)
+    p = sub.add_parser(
+        "demo",
+        help="annotate held-out pbmc68k_reduced cells (built-in data)",
+        description=demo.__doc__,
+    )
     common(p, epochs=10)
-    p.add_argument("--out", default=DEFAULT_DEMO_OUT,
-                   help="output folder; default: ./%(default)s")
+    p.add_argument("--out", default=DEFAULT_DEMO_OUT, help="output folder; default: ./%(default)s")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=demo)
 
@@ -229,8 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(p, epochs=10)
     p.set_defaults(func=pretrain)
 
-    p = sub.add_parser("finetune", help="fine-tune a saved model on an h5ad",
-                       description=finetune.__doc__)
+    p = sub.add_parser(
+        "finetune", help="fine-tune a saved model on an h5ad", description=finetune.__doc__
+    )
     p.add_argument("input", help="h5ad file with counts")
     p.add_argument("--model", required=True, help="folder of a saved model")
     p.add_argument("--out", required=True, help="folder to save the fine-tuned model to")
@@ -241,10 +289,15 @@ def build_parser() -> argparse.ArgumentParser:
     common(p, epochs=10, preset=False)
     p.set_defaults(func=finetune)
 
-    for name, key, what in (("embed", "X_scmamba2", "obsm key"),
-                            ("annotate", "scmamba2_label", "obs key")):
-        p = sub.add_parser(name, help=f"{name} the cells of an h5ad with a saved model",
-                           description=f"Write the model's {name} result into a copy of INPUT.")
+    for name, key, what in (
+        ("embed", "X_scmamba2", "obsm key"),
+        ("annotate", "scmamba2_label", "obs key"),
+    ):
+        p = sub.add_parser(
+            name,
+            help=f"{name} the cells of an h5ad with a saved model",
+            description=f"Write the model's {name} result into a copy of INPUT.",
+        )
         p.add_argument("input", help="h5ad file with counts")
         p.add_argument("--model", required=True, help="folder of a saved model")
         p.add_argument("--output", required=True, help="h5ad file to write")

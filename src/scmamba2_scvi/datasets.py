@@ -8,7 +8,7 @@ from scipy import sparse
 
 
 def pbmc68k_counts() -> AnnData:
-    """scanpy's bundled ``pbmc68k_reduced`` (700 PBMCs, 765 genes, 10 ``bulk_labels``) as counts.
+    """Scanpy's bundled ``pbmc68k_reduced`` (700 PBMCs, 765 genes, 10 ``bulk_labels``) as counts.
 
     The bundled ``.raw`` holds ``log1p(normalize_total(counts, 1e4))``; counts are recovered as
     ``round(expm1(raw.X) * n_counts / 1e4)``. Nothing is downloaded.

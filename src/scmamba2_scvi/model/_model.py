@@ -16,13 +16,14 @@ from scipy import sparse
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LabelsWithUnlabeledObsField, LayerField
-from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 from scvi.model._utils import parse_device_args
+from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 from scvi.model.base._save_load import _load_saved_files
 from tqdm.auto import tqdm
 
-from ..data import GeneVocab, Tokenizer, check_counts
-from ..module import SCMamba2Module
+from scmamba2_scvi.data import GeneVocab, Tokenizer, check_counts
+from scmamba2_scvi.module import SCMamba2Module
+
 from ._trainingplan import SCMamba2TrainingPlan
 
 logger = logging.getLogger(__name__)
@@ -33,11 +34,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu-small": {"d_model": 128, "n_layers": 2, "d_state": 32, "head_dim": 64, "expand": 2},
     "default": {"d_model": 256, "n_layers": 4, "d_state": 64, "head_dim": 64, "expand": 2},
     "paper-medium": {
-        "d_model": 768, "n_layers": 24, "d_state": 64, "head_dim": 64, "expand": 2,
+        "d_model": 768,
+        "n_layers": 24,
+        "d_state": 64,
+        "head_dim": 64,
+        "expand": 2,
         "checkpointing": True,
     },
     "paper-large": {
-        "d_model": 1536, "n_layers": 36, "d_state": 64, "head_dim": 64, "expand": 2,
+        "d_model": 1536,
+        "n_layers": 36,
+        "d_state": 64,
+        "head_dim": 64,
+        "expand": 2,
         "checkpointing": True,
     },
 }
@@ -165,8 +174,12 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         super().__init__(adata)
         sizes = {**{"checkpointing": False}, **PRESETS[preset]}
         given = {
-            "d_model": d_model, "n_layers": n_layers, "d_state": d_state,
-            "head_dim": head_dim, "expand": expand, "checkpointing": checkpointing,
+            "d_model": d_model,
+            "n_layers": n_layers,
+            "d_state": d_state,
+            "head_dim": head_dim,
+            "expand": expand,
+            "checkpointing": checkpointing,
         }
         sizes.update({k: v for k, v in given.items() if v is not None})
 
@@ -183,8 +196,12 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         self.batch_categories = [str(c) for c in batch_categories]
         self.label_categories = [str(c) for c in label_categories]
         self.tokenizer_kwargs = {
-            "mode": mode, "max_len": max_len, "gene_order": gene_order, "subsample": subsample,
-            "value_transform": value_transform, "n_bins": n_bins,
+            "mode": mode,
+            "max_len": max_len,
+            "gene_order": gene_order,
+            "subsample": subsample,
+            "value_transform": value_transform,
+            "n_bins": n_bins,
             "check_counts": setup.get("check_counts", True),
         }
         self.min_gene_fraction = min_gene_fraction
@@ -280,7 +297,9 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
                     f"(columns: {list(table.columns)[:20]})."
                 )
         X = _matrix(adata, layer)
-        _validate_counts(X, "adata.X" if layer is None else f"adata.layers[{layer!r}]", check_counts)
+        _validate_counts(
+            X, "adata.X" if layer is None else f"adata.layers[{layer!r}]", check_counts
+        )
         fields = [
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=check_counts),
             CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
@@ -302,9 +321,10 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
     def _code_map(self, registry_key: str, categories: list[str]) -> torch.Tensor | None:
         """Registry code -> index in ``categories`` (-1 when absent) for the training AnnData."""
         setup_key = {REGISTRY_KEYS.BATCH_KEY: "batch_key", REGISTRY_KEYS.LABELS_KEY: "labels_key"}
-        if not categories or self.adata_manager.registry["setup_args"].get(
-            setup_key[registry_key]
-        ) is None:
+        if (
+            not categories
+            or self.adata_manager.registry["setup_args"].get(setup_key[registry_key]) is None
+        ):
             return None
         mapping = self.adata_manager.get_state_registry(registry_key).categorical_mapping
         index = {c: i for i, c in enumerate(categories)}
@@ -433,7 +453,10 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         for tokens, batch in self._batches(adata, indices, batch_size, desc):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
                 out = self.module.inference(
-                    tokens["genes"], self.module.scale_values(tokens["input_values"]), tokens["key_padding_mask"], batch
+                    tokens["genes"],
+                    self.module.scale_values(tokens["input_values"]),
+                    tokens["key_padding_mask"],
+                    batch,
                 )
                 z = out["z"].float()
                 zs.append(z.cpu())
@@ -542,9 +565,14 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
             cols = pos
         z, _ = self._embed(adata, indices, batch_size, "reconstructing")
         with torch.inference_mode():
-            pred = self.module.predict_genes(
-                z.to(self.device), torch.as_tensor(ids[cols], device=self.device)
-            ).float().cpu().numpy()
+            pred = (
+                self.module.predict_genes(
+                    z.to(self.device), torch.as_tensor(ids[cols], device=self.device)
+                )
+                .float()
+                .cpu()
+                .numpy()
+            )
         if return_numpy:
             return pred
         obs = adata_.obs_names if indices is None else adata_.obs_names[np.asarray(indices)]
@@ -557,9 +585,9 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         adata: AnnData,
         reference: str | Path | SCMamba2,
         *,
-        layer: str | None | Literal["reference"] = "reference",
-        batch_key: str | None | Literal["reference"] = "reference",
-        labels_key: str | None | Literal["reference"] = "reference",
+        layer: str | Literal["reference"] | None = "reference",
+        batch_key: str | Literal["reference"] | None = "reference",
+        labels_key: str | Literal["reference"] | None = "reference",
         gene_key: str | None = None,
         min_gene_fraction: float | None = None,
         accelerator: str = "auto",
@@ -619,7 +647,10 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
                 )
                 setup[key] = None
         cls.setup_anndata(adata, **setup)
-        kwargs = {**init["non_kwargs"], **{k: v for d in init["kwargs"].values() for k, v in d.items()}}
+        kwargs = {
+            **init["non_kwargs"],
+            **{k: v for d in init["kwargs"].values() for k, v in d.items()},
+        }
         if min_gene_fraction is not None:
             kwargs["min_gene_fraction"] = min_gene_fraction
         model = cls(adata, **kwargs)

@@ -10,7 +10,7 @@ from scvi.train import TrainingPlan
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
-    """Learning-rate multiplier: linear warm-up to 1 over ``warmup`` steps, then cosine to ``min_ratio``.
+    """Learning-rate multiplier: linear warm-up over ``warmup`` steps, then cosine decay.
 
     Parameters
     ----------

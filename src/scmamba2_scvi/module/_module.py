@@ -11,7 +11,7 @@ from scvi import REGISTRY_KEYS
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch import nn
 
-from ..nn import (
+from scmamba2_scvi.nn import (
     BiMamba2Encoder,
     DomainBatchNorm,
     ExprDecoder,
@@ -38,9 +38,9 @@ class SCMamba2Module(BaseModuleClass):
     A cell is a sequence ``<cls>, gene_1, ..., gene_n`` of (gene token, expression value) pairs.
     Token = gene embedding (+ LayerNorm) + value embedding, then batch norm over features (one per
     batch with ``dsbn``), then a :class:`~scmamba2_scvi.nn.BiMamba2Encoder`. The cell embedding is
-    the mean of the outputs over real tokens (or the output at ``<cls>``, as in the paper). Heads: masked expression (GEP),
-    gene-query expression from the cell embedding (GEPC), cell-type classifier, adversarial batch
-    discriminator (DAR).
+    the mean of the outputs over real tokens (or the output at ``<cls>``, as in the paper).
+    Heads: masked expression (GEP), gene-query expression from the cell embedding (GEPC),
+    cell-type classifier, adversarial batch discriminator (DAR).
 
     The AnnData-to-token step is a callable :attr:`tokenizer` set by the model (it depends on the
     AnnData's genes, not on the weights), so the module's parameters do not depend on the genes of
@@ -179,7 +179,7 @@ class SCMamba2Module(BaseModuleClass):
         }
 
     def scale_values(self, values: torch.Tensor) -> torch.Tensor:
-        """Divide real values by :attr:`value_scale`, keeping the mask (-1) and padding (-2) codes."""
+        """Divide real values by :attr:`value_scale`; mask (-1) and padding (-2) codes stay."""
         if self.value_scale == 1.0:
             return values
         return torch.where(values >= 0, values / self.value_scale, values)
@@ -329,7 +329,9 @@ class SCMamba2Module(BaseModuleClass):
                 extra["dar"] = dar.detach()
         if ecs_weight > 0 and z.shape[0] > 1:
             zn = F.normalize(z, dim=-1)
-            cos = (zn @ zn.T).masked_fill(torch.eye(z.shape[0], dtype=torch.bool, device=z.device), 0)
+            cos = (zn @ zn.T).masked_fill(
+                torch.eye(z.shape[0], dtype=torch.bool, device=z.device), 0
+            )
             ecs = torch.mean(1 - (F.relu(cos) - ecs_threshold) ** 2)
             total = total + ecs_weight * ecs
             extra["ecs"] = ecs.detach()

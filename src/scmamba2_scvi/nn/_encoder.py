@@ -9,7 +9,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..ops._ssd import Backend
+from scmamba2_scvi.ops._ssd import Backend
+
 from ._mixer import HydraMixer, Mamba2Mixer, RMSNorm, flip, reverse_index
 
 Bidirectional = Literal["shared_flip", "hydra"]
@@ -29,7 +30,7 @@ class BiMamba2Block(nn.Module):
     bidirectional
         ``"shared_flip"`` or ``"hydra"``.
     ffn
-        Add ``x + FFN(LayerNorm(x))`` after the mixer (the paper's figure; not in the released code).
+        Add ``x + FFN(LayerNorm(x))`` after the mixer (the paper's figure, not the released code).
     ffn_mult
         Hidden width of the feed-forward as a multiple of ``d_model``.
     dropout

@@ -97,7 +97,7 @@ class DomainBatchNorm(nn.Module):
         domain: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Normalise ``(batch, length, d)`` token states; ``domain`` is ``(batch,)`` or ``None``."""
-        b, seqlen, d = x.shape
+        b, seqlen = x.shape[:2]
         real = (
             torch.ones(b, seqlen, dtype=torch.bool, device=x.device)
             if key_padding_mask is None

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import depthwise_conv1d, segment_ids, ssd_scan
-from ..ops._ssd import Backend
+from scmamba2_scvi.ops import depthwise_conv1d, segment_ids, ssd_scan
+from scmamba2_scvi.ops._ssd import Backend
 
 
 class RMSNorm(nn.Module):
@@ -313,7 +313,7 @@ class HydraMixer(_MixerBase):
 
 
 def flip(x: torch.Tensor, reverse: torch.Tensor) -> torch.Tensor:
-    """Reorder ``x`` (``(batch, length, ...)``) along the sequence with a ``(batch, length)`` index."""
+    """Reorder ``x`` ``(batch, length, ...)`` along its sequence by a ``(batch, length)`` index."""
     index = reverse.view(*reverse.shape, *([1] * (x.dim() - 2))).expand_as(x)
     return x.gather(1, index)
 

@@ -1,4 +1,4 @@
-"""Low-level operators: the SSD scan (torch reference and GPU kernel dispatch) and the short conv."""
+"""Low-level operators: the SSD scan (torch reference, GPU kernel dispatch) and the short conv."""
 
 from ._conv import depthwise_conv1d
 from ._ssd import mamba_ssm_available, segment_ids, ssd_scan, ssd_scan_torch

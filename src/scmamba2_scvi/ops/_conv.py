@@ -1,4 +1,4 @@
-"""Depthwise 1-D convolution over the sequence axis, causal or centred, aware of packed sequences."""
+"""Depthwise 1-D convolution along the sequence, causal or centred, aware of packed sequences."""
 
 from __future__ import annotations
 
@@ -40,7 +40,10 @@ def depthwise_conv1d(
     left = k - 1 if causal else (k - 1) // 2
     if seq_idx is None:
         y = F.conv1d(
-            F.pad(x.transpose(1, 2), (left, k - 1 - left)), weight[:, None, :], bias, groups=x.shape[-1]
+            F.pad(x.transpose(1, 2), (left, k - 1 - left)),
+            weight[:, None, :],
+            bias,
+            groups=x.shape[-1],
         )
         return y.transpose(1, 2)
     seqlen = x.shape[1]

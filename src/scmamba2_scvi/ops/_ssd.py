@@ -20,7 +20,7 @@ def _mamba_chunk_scan():
     """Import mamba-ssm's fused Triton scan lazily; ``None`` when it is not importable."""
     try:
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-    except Exception:  # noqa: BLE001 - any import failure (no CUDA, no wheel) means "absent"
+    except Exception:
         return None
     return mamba_chunk_scan_combined
 
@@ -47,7 +47,7 @@ def segment_ids(seq_idx: torch.Tensor) -> torch.Tensor:
 
 
 def _segsum(a: torch.Tensor) -> torch.Tensor:
-    """Stable segment sums: ``out[..., j, k] = sum(a[..., k+1 : j+1])`` for ``k <= j``, else ``-inf``.
+    """Stable segment sums: ``out[..., j, k] = sum(a[..., k+1 : j+1])`` if ``k <= j``, else -inf.
 
     Built with a cumulative sum over a masked square (no subtraction of large cumulative sums), so
     ``-inf`` entries in ``a`` (hard state resets) propagate without producing NaN.
@@ -185,7 +185,8 @@ def _check_inputs(x, dt, A, B, C, D, chunk_size, initial_state, seq_idx) -> None
         raise ValueError(f"chunk_size must be positive; got {chunk_size}.")
     if initial_state is not None and initial_state.shape != (b, h, p, B.shape[3]):
         raise ValueError(
-            f"initial_state must have shape {(b, h, p, B.shape[3])}; got {tuple(initial_state.shape)}."
+            f"initial_state must have shape {(b, h, p, B.shape[3])}; "
+            f"got {tuple(initial_state.shape)}."
         )
     if seq_idx is not None and seq_idx.shape != (b, seqlen):
         raise ValueError(f"seq_idx must have shape {(b, seqlen)}; got {tuple(seq_idx.shape)}.")
@@ -207,7 +208,7 @@ def ssd_scan(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""Selective state-space scan of Mamba2 (the SSD layer), computed chunk by chunk.
 
-    Per head :math:`h` in group :math:`g(h)`, with state :math:`s_t` of shape ``(head_dim, d_state)``:
+    Per head :math:`h` in group :math:`g(h)`, with a ``(head_dim, d_state)`` state :math:`s_t`:
 
     .. math::
 
@@ -262,7 +263,9 @@ def ssd_scan(
                 "backend='torch'."
             )
         if not x.is_cuda:
-            raise RuntimeError("backend='mamba_ssm' runs on CUDA tensors only; use backend='torch'.")
+            raise RuntimeError(
+                "backend='mamba_ssm' runs on CUDA tensors only; use backend='torch'."
+            )
         out = kernel(
             x,
             dt,

@@ -12,7 +12,7 @@ import pandas as pd
 from anndata import AnnData
 
 if TYPE_CHECKING:
-    from ..model import SCMamba2
+    from scmamba2_scvi.model import SCMamba2
 
 
 def _finish(fig, save: str | Path | None):
@@ -116,7 +116,9 @@ def confusion(
                 text = f"{values[i, j]:.2f}" if normalize else f"{int(values[i, j])}"
                 color = "white" if values[i, j] > 0.6 * values.max() else "black"
                 ax.text(j, i, text, ha="center", va="center", fontsize=6, color=color)
-    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of true class" if normalize else "cells")
+    fig.colorbar(
+        im, ax=ax, fraction=0.046, label="fraction of true class" if normalize else "cells"
+    )
     fig.tight_layout()
     return _finish(fig, save)
 
@@ -159,10 +161,11 @@ def umap(
     if use_rep not in adata.obsm:
         raise KeyError(f"adata.obsm has no {use_rep!r}; run scmamba2_scvi.tl.embed first.")
     scratch = AnnData(
-        X=adata.X, obs=adata.obs.copy(), var=pd.DataFrame(index=adata.var_names),
-        obsm={use_rep: np.asarray(adata.obsm[use_rep])}, uns={
-            k: v for k, v in adata.uns.items() if k.endswith("_colors")
-        },
+        X=adata.X,
+        obs=adata.obs.copy(),
+        var=pd.DataFrame(index=adata.var_names),
+        obsm={use_rep: np.asarray(adata.obsm[use_rep])},
+        uns={k: v for k, v in adata.uns.items() if k.endswith("_colors")},
     )
     sc.pp.neighbors(scratch, use_rep=use_rep, n_neighbors=n_neighbors)
     sc.tl.umap(scratch, random_state=seed)

@@ -9,7 +9,7 @@ import pandas as pd
 from anndata import AnnData
 
 if TYPE_CHECKING:
-    from ..model import SCMamba2
+    from scmamba2_scvi.model import SCMamba2
 
 
 def embed(
@@ -224,7 +224,9 @@ def pseudotime(
     iroot = _root_index(adata, root, groups, rep)
     scratch = AnnData(
         np.zeros((adata.n_obs, 1), dtype=np.float32),
-        obs=adata.obs[[groups]].copy() if groups is not None else pd.DataFrame(index=adata.obs_names),
+        obs=adata.obs[[groups]].copy()
+        if groups is not None
+        else pd.DataFrame(index=adata.obs_names),
         obsm={"rep": rep},
     )
     sc.pp.neighbors(scratch, use_rep="rep", n_neighbors=n_neighbors)
@@ -233,7 +235,10 @@ def pseudotime(
     sc.tl.dpt(scratch, n_dcs=n_dcs)
     adata.obs[key_added] = scratch.obs["dpt_pseudotime"].to_numpy()
     adata.uns[key_added] = {
-        "root": iroot, "use_rep": use_rep, "n_neighbors": n_neighbors, "n_dcs": n_dcs,
+        "root": iroot,
+        "use_rep": use_rep,
+        "n_neighbors": n_neighbors,
+        "n_dcs": n_dcs,
     }
     if groups is not None:
         scratch.obs[groups] = scratch.obs[groups].astype("category")
