@@ -1,8 +1,10 @@
 """Tokenizer throughput (cells/s) on a 100k-cell CSR matrix tiled from pbmc3k.
 
-Two settings, one process, padded and masked batches (mask_ratio 0.15, bins):
+Settings, one process, padded and masked batches (mask_ratio 0.15, bins):
 
-* ``expressed``: non-zero genes, max_len 2048 (random subset above it), vocab order;
+* ``expressed``: non-zero genes, max_len 2048 (random subset above it), vocab order; batches of
+  consecutive cells, and batches of similar-length cells (``length_buckets``, window of 32
+  batches; the time includes computing lengths and gathering rows);
 * ``full``: every gene of a 20k-gene axis (pbmc3k's 13,714 genes padded with empty genes).
 
 Usage: ``python benchmarks/tokenize_throughput.py [--n-cells 100000] [--batch-size 512]
@@ -26,7 +28,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from scmamba2_scvi.data import GeneVocab, Tokenizer
+from scmamba2_scvi.data import GeneVocab, Tokenizer, length_buckets
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 PBMC = DATA / "pbmc3k_10x_labeled.h5ad"
@@ -68,6 +70,29 @@ def run(tok: Tokenizer, X: sp.csr_matrix, batch_size: int) -> dict[str, float]:
     }
 
 
+def run_bucketed(tok: Tokenizer, X: sp.csr_matrix, batch_size: int) -> dict[str, float]:
+    """As :func:`run`, with batches of similar-length cells (:func:`length_buckets`).
+
+    The time includes computing the lengths and gathering each batch's rows.
+    """
+    tok(X[:batch_size])  # warm-up
+    lengths, tokens = [], 0
+    start = time.perf_counter()
+    for idx in length_buckets(tok.lengths(X), batch_size, window=32, seed=0):
+        batch = tok(X[np.sort(idx)])
+        lengths.append(batch["genes"].shape[1])
+        tokens += int((~batch["key_padding_mask"]).sum())
+    seconds = time.perf_counter() - start
+    return {
+        "cells": X.shape[0],
+        "batch_size": batch_size,
+        "seconds": round(seconds, 3),
+        "cells_per_s": round(X.shape[0] / seconds),
+        "real_tokens_per_s": round(tokens / seconds),
+        "mean_padded_length": round(float(np.mean(lengths)), 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-cells", type=int, default=100_000)
@@ -92,6 +117,8 @@ def main() -> None:
     )
     results["expressed_maxlen2048"] = run(tok, X, args.batch_size)
     print("expressed", results["expressed_maxlen2048"], flush=True)
+    results["expressed_maxlen2048_length_buckets"] = run_bucketed(tok, X, args.batch_size)
+    print("expressed, length buckets", results["expressed_maxlen2048_length_buckets"], flush=True)
     del X
 
     X, names = tiled_matrix(args.n_cells, args.full_genes)

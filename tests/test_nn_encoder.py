@@ -174,3 +174,31 @@ def test_cpu_micro_batches_give_the_same_result_and_gradients(bidirectional):
     split = run(2 * 12 * 32)  # two cells per block: blocks of 2, 2, 1
     for a, b in zip(whole, split, strict=True):  # parameter gradients sum in another order
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_sequence_blocks_give_the_same_result_and_gradients(packed):
+    enc = small_encoder("shared_flip", ffn=True)
+    if packed:  # three cells packed in one row, boundaries off and on block edges (block 8)
+        x = rand(1, 41, 32)
+        pad = None
+        seq_idx = torch.repeat_interleave(torch.arange(3), torch.tensor([16, 11, 14]))[None].int()
+    else:
+        x = rand(3, 41, 32)
+        pad = torch.arange(41)[None] >= torch.tensor([41, 9, 30])[:, None]
+        seq_idx = None
+
+    def run(block):
+        enc.seq_block = block
+        enc.zero_grad()
+        xi = x.clone().requires_grad_()
+        y = enc(xi, key_padding_mask=pad, seq_idx=seq_idx)
+        if pad is not None:
+            y = y.masked_fill(pad[..., None], 0)
+        (y**2).sum().backward()
+        return [y, xi.grad] + [p.grad for p in enc.parameters()]
+
+    whole = run(None)
+    for block in (8, 13):  # 13 is not a multiple of the SSD chunk (8)
+        for a, b in zip(whole, run(block), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)

@@ -643,3 +643,45 @@ def split_by_token_budget(
     if start < len(lens):
         batches.append(np.arange(start, len(lens)))
     return batches
+
+
+def length_buckets(
+    lengths: np.ndarray | Sequence[int] | torch.Tensor,
+    batch_size: int,
+    *,
+    window: int = 32,
+    seed: int | None = 0,
+) -> list[np.ndarray]:
+    """Batches of cells of similar length, so that padded batches waste little padding.
+
+    Cells are cut into windows of ``window * batch_size`` consecutive cells; inside a window
+    they are sorted by length and split into batches; batches are then shuffled. Every cell
+    appears exactly once; randomness across epochs comes from shuffling the cells beforehand.
+
+    Parameters
+    ----------
+    lengths
+        Sequence length of each cell (e.g. :meth:`Tokenizer.lengths`).
+    batch_size
+        Cells per batch.
+    window
+        Batches per sorting window (1 disables bucketing).
+    seed
+        Seed of the batch shuffle; ``None`` keeps the sorted order.
+
+    Returns
+    -------
+    List of index arrays (int64) into ``lengths``.
+    """
+    if batch_size < 1 or window < 1:
+        raise ValueError("batch_size and window must be positive.")
+    lens = np.asarray(torch.as_tensor(lengths).cpu(), dtype=np.int64)
+    span = window * batch_size
+    batches = []
+    for start in range(0, len(lens), span):
+        order = start + np.argsort(lens[start : start + span], kind="stable")
+        batches += [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if seed is not None:
+        perm = np.random.default_rng(seed).permutation(len(batches))
+        batches = [batches[i] for i in perm]
+    return batches

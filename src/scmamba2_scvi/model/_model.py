@@ -418,8 +418,12 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         indices: Sequence[int] | None,
         batch_size: int | None,
         desc: str,
-    ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-        """Tokenized minibatches of any AnnData whose genes map onto the vocabulary."""
+    ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor, np.ndarray]]:
+        """Tokenized minibatches of any AnnData whose genes map onto the vocabulary.
+
+        Yields the tokens, the batch codes, and the positions of the batch's cells in
+        ``indices`` (cells are visited by sequence length).
+        """
         adata = self.adata if adata is None else adata
         setup = self.adata_manager.registry["setup_args"]
         X = _matrix(adata, setup.get("layer"))
@@ -434,23 +438,28 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         idx = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
         bs = batch_size or 128
         device = self.device
+        # cells of similar length together: less padding, same per-cell results
+        order = np.argsort(tokenizer.lengths(X[idx]), kind="stable")
         for start in tqdm(range(0, len(idx), bs), desc=desc, disable=len(idx) <= bs, leave=False):
-            rows = idx[start : start + bs]
+            pos = order[start : start + bs]
+            rows = idx[pos]
             xb = X[rows]
             if not sparse.issparse(xb):
                 xb = np.asarray(xb)
             yield (
                 tokenizer(xb, mask_ratio=0.0, device=device),
                 torch.as_tensor(codes[rows], device=device),
+                pos,
             )
 
     @torch.inference_mode()
     def _embed(self, adata, indices, batch_size, desc) -> tuple[torch.Tensor, torch.Tensor | None]:
         self._check_if_trained(warn=True)
         self.module.eval()
-        zs, logits = [], []
+        zs, logits, positions = [], [], []
         use_bf16 = self.device.type == "cuda"
-        for tokens, batch in self._batches(adata, indices, batch_size, desc):
+        for tokens, batch, pos in self._batches(adata, indices, batch_size, desc):
+            positions.append(pos)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
                 out = self.module.inference(
                     tokens["genes"],
@@ -462,7 +471,8 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
                 zs.append(z.cpu())
                 if self.module.classifier is not None:
                     logits.append(self.module.classifier(z).float().cpu())
-        return torch.cat(zs), (torch.cat(logits) if logits else None)
+        back = torch.as_tensor(np.argsort(np.concatenate(positions)))  # to the input order
+        return torch.cat(zs)[back], (torch.cat(logits)[back] if logits else None)
 
     def get_latent_representation(
         self,

@@ -106,7 +106,9 @@ class _MixerBase(nn.Module):
     def _conv(self, n_channels: int) -> nn.Conv1d:
         return nn.Conv1d(n_channels, n_channels, self.d_conv, groups=n_channels, bias=True)
 
-    def _scan(self, x, dt, B, C, *, D=None, seq_idx=None) -> torch.Tensor:
+    def _scan(
+        self, x, dt, B, C, *, D=None, seq_idx=None, initial_state=None, return_final_state=False
+    ):
         """Run the SSD on flat ``(b, L, d_inner)`` x and ``(b, L, groups * d_state)`` B, C."""
         b, seqlen = x.shape[:2]
         return ssd_scan(
@@ -118,6 +120,8 @@ class _MixerBase(nn.Module):
             D=D,
             chunk_size=self.chunk_size,
             seq_idx=seq_idx,
+            initial_state=initial_state,
+            return_final_state=return_final_state,
             backend=self.backend,
         )
 
@@ -188,7 +192,14 @@ class Mamba2Mixer(_MixerBase):
         """Mix ``(batch, length, d_model)`` tokens causally; ``seq_idx`` separates packed cells."""
         return self.out_proj(self.inner(self.in_proj(hidden), seq_idx=seq_idx))
 
-    def inner(self, zxbcdt: torch.Tensor, *, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+    def inner(
+        self,
+        zxbcdt: torch.Tensor,
+        *,
+        seq_idx: torch.Tensor | None = None,
+        state: tuple[torch.Tensor, ...] | None = None,
+        return_state: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """Everything between the two projections: conv, SSD scan and gated norm.
 
         Parameters
@@ -197,20 +208,53 @@ class Mamba2Mixer(_MixerBase):
             Output of ``in_proj``, ``(batch, length, in_proj.out_features)``.
         seq_idx
             Optional packed-sequence index.
+        state
+            The state returned by the call on the preceding tokens (conv inputs, their sequence
+            index, SSM state), to continue a sequence block by block; ``None`` at its start.
+        return_state
+            Also return the state after the last token.
 
         Returns
         -------
-        ``(batch, length, d_inner)``, the input of ``out_proj``. The projections act token by
-        token, so a bidirectional caller can project once and reverse the projected sequence.
+        ``(batch, length, d_inner)``, the input of ``out_proj``, and the state when asked. The
+        projections act token by token, so a bidirectional caller can project once and reverse
+        the projected sequence.
         """
         gn = self.n_groups * self.d_state
         z, xbc, dt = zxbcdt.split([self.d_inner, self.d_inner + 2 * gn, self.n_heads], -1)
-        xbc = F.silu(
-            depthwise_conv1d(xbc, self.conv1d.weight[:, 0], self.conv1d.bias, seq_idx=seq_idx)
+        b, seqlen = xbc.shape[:2]
+        ssm_state, context = None, self.d_conv - 1
+        if state is not None:
+            tail, tail_idx, ssm_state = state
+            if seq_idx is None:
+                seq_idx = tail_idx.new_zeros(b, seqlen)
+            else:  # a sequence starting right here does not inherit the state
+                ssm_state = ssm_state * (seq_idx[:, :1] == tail_idx[:, -1:]).view(-1, 1, 1, 1)
+            conv_in, conv_idx = torch.cat([tail, xbc], 1), torch.cat([tail_idx, seq_idx], 1)
+        else:
+            conv_in, conv_idx = xbc, seq_idx
+        conv = depthwise_conv1d(
+            conv_in, self.conv1d.weight[:, 0], self.conv1d.bias, seq_idx=conv_idx
         )
-        x, B, C = xbc.split([self.d_inner, gn, gn], -1)
-        y = self._scan(x, dt, B, C, D=self.D, seq_idx=seq_idx)
-        return self.norm(y.flatten(-2), z)
+        x, B, C = F.silu(conv[:, conv.shape[1] - seqlen :]).split([self.d_inner, gn, gn], -1)
+        y = self._scan(
+            x,
+            dt,
+            B,
+            C,
+            D=self.D,
+            seq_idx=seq_idx,
+            initial_state=ssm_state,
+            return_final_state=return_state,
+        )
+        if return_state:
+            y, ssm_state = y
+        out = self.norm(y.flatten(-2), z)
+        if not return_state:
+            return out
+        if conv_idx is None:
+            conv_idx = conv_in.new_zeros(conv_in.shape[:2], dtype=torch.long)
+        return out, (conv_in[:, -context:], conv_idx[:, -context:], ssm_state)
 
 
 class HydraMixer(_MixerBase):
@@ -313,9 +357,13 @@ class HydraMixer(_MixerBase):
 
 
 def flip(x: torch.Tensor, reverse: torch.Tensor) -> torch.Tensor:
-    """Reorder ``x`` ``(batch, length, ...)`` along its sequence by a ``(batch, length)`` index."""
-    index = reverse.view(*reverse.shape, *([1] * (x.dim() - 2))).expand_as(x)
-    return x.gather(1, index)
+    """Gather positions ``reverse`` (``(batch, m)``) of ``x`` (``(batch, length, ...)``).
+
+    With a :func:`reverse_index` this reverses each sequence's real tokens; with a slice of one,
+    it reads a block of the reversed sequence.
+    """
+    index = reverse.view(*reverse.shape, *([1] * (x.dim() - 2)))
+    return x.gather(1, index.expand(*reverse.shape, *x.shape[2:]))
 
 
 def reverse_index(

@@ -13,6 +13,8 @@ Backend = Literal["auto", "torch", "mamba_ssm"]
 # Chunks whose states are combined with one dense (G x G) decay matrix before moving on.
 # Bounds the inter-chunk work per step while keeping the Python loop short (L / (Q * G) steps).
 _CHUNK_GROUP = 32
+# Tokens per block when the torch scan runs on CPU (see ``ssd_scan_torch(block_len=...)``).
+_SEQ_BLOCK = 2048
 
 
 @functools.cache
@@ -72,12 +74,47 @@ def ssd_scan_torch(
     initial_state: torch.Tensor | None = None,
     seq_idx: torch.Tensor | None = None,
     return_final_state: bool = False,
+    block_len: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Pure-PyTorch chunked SSD scan; see :func:`ssd_scan` for the arguments.
 
     Computes in float32 (float64 when ``x`` is float64) whatever the input dtype. Memory is
     ``O(L * chunk_size)`` per head plus ``O(L / chunk_size * head_dim * d_state)`` for chunk states.
+
+    Parameters
+    ----------
+    x, dt, A, B, C, D, chunk_size, initial_state, seq_idx, return_final_state
+        As in :func:`ssd_scan`.
+    block_len
+        Scan the sequence in blocks of this many tokens, passing the state from block to block
+        (exact). On CPU the default (2,048) keeps a block's intermediates in the processor's
+        cache, which keeps the cost per token flat as sequences grow; ``0`` scans at once.
     """
+    seqlen = x.shape[1]
+    if block_len is None:
+        block_len = _SEQ_BLOCK if x.device.type == "cpu" else 0
+    if not block_len or seqlen <= block_len:
+        return _ssd_chunked(
+            x, dt, A, B, C, D, chunk_size, initial_state, seq_idx, return_final_state
+        )
+    block_len = max(chunk_size, block_len // chunk_size * chunk_size)
+    # split, not slices: the backward of a slice allocates a full-length gradient per block
+    blocks = zip(*(t.split(block_len, 1) for t in (x, dt, B, C)))
+    idx = [None] * -(-seqlen // block_len) if seq_idx is None else seq_idx.split(block_len, 1)
+    state, ys, prev = initial_state, [], None
+    for (xb, dtb, Bb, Cb), ib in zip(blocks, idx):
+        if state is not None and ib is not None and prev is not None:
+            # a sequence that starts at the block boundary does not inherit the state
+            state = state * (ib[:, 0] == prev[:, -1]).view(-1, 1, 1, 1).to(state.dtype)
+        y, state = _ssd_chunked(xb, dtb, A, Bb, Cb, D, chunk_size, state, ib, True)
+        ys.append(y)
+        prev = ib
+    y = torch.cat(ys, 1)
+    return (y, state) if return_final_state else y
+
+
+def _ssd_chunked(x, dt, A, B, C, D, chunk_size, initial_state, seq_idx, return_final_state):
+    """The chunked SSD algorithm over the whole sequence at once."""
     b, seqlen, h, p = x.shape
     g, n = B.shape[-2:]
     hg = h // g

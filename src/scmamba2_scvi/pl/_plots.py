@@ -169,5 +169,6 @@ def umap(
     )
     sc.pp.neighbors(scratch, use_rep=use_rep, n_neighbors=n_neighbors)
     sc.tl.umap(scratch, random_state=seed)
+    kwargs.setdefault("wspace", 0.9)  # room for long category names in the legends
     fig = sc.pl.embedding(scratch, "X_umap", color=color, show=False, return_fig=True, **kwargs)
     return _finish(fig, save)
