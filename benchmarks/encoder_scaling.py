@@ -7,8 +7,10 @@ Forward + backward of one layer at batch 1, d_model 256 by default:
   ``torch.nn.functional.scaled_dot_product_attention``;
 - on CUDA, also the SSD backends ``torch`` vs ``mamba_ssm``.
 
-Each measurement runs in a fresh subprocess so that peak memory is its own (CPU: peak resident
-set above the baseline, read from /proc; CUDA: ``max_memory_allocated``). Attention stops when
+Each measurement runs in a fresh subprocess so that peak memory is its own: the peak during the
+first forward+backward above what the model and input hold (CPU: peak resident set read from
+/proc, approximate since the allocator may reuse memory; CUDA: ``max_memory_allocated``). Times
+are the median of the following steps. Attention stops when
 its projected time or memory (quadratic in length) exceeds the budget; the table says where.
 
 Usage::
@@ -107,21 +109,23 @@ def _measure(
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else None
         if autocast is not None:
             autocast.__enter__()
-        step()  # warm-up
+        # peak memory over the first step, above what the model and input hold
         if device == "cuda":
+            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated() / 2**20
         else:
             base = _rss_mb()
             _reset_peak_rss()
+        step()
+        peak = (
+            torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else _peak_rss_mb()
+        ) - base
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
             step()
             times.append(time.perf_counter() - t0)
-        peak = (
-            torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else _peak_rss_mb()
-        ) - base
         queue.put(
             {
                 "time_s": statistics.median(times),

@@ -50,36 +50,23 @@ def tiled_matrix(n_cells: int, n_genes: int | None) -> tuple[sp.csr_matrix, list
     return X, names
 
 
-def run(tok: Tokenizer, X: sp.csr_matrix, batch_size: int) -> dict[str, float]:
-    """Tokenize all rows of X in batches; return cells/s and mean padded length."""
-    tok(X[:batch_size])  # warm-up
-    lengths, tokens = [], 0
-    start = time.perf_counter()
-    for s in range(0, X.shape[0], batch_size):
-        batch = tok(X[s : s + batch_size])
-        lengths.append(batch["genes"].shape[1])
-        tokens += int((~batch["key_padding_mask"]).sum())
-    seconds = time.perf_counter() - start
-    return {
-        "cells": X.shape[0],
-        "batch_size": batch_size,
-        "seconds": round(seconds, 3),
-        "cells_per_s": round(X.shape[0] / seconds),
-        "real_tokens_per_s": round(tokens / seconds),
-        "mean_padded_length": round(float(np.mean(lengths)), 1),
-    }
+def run(tok: Tokenizer, X: sp.csr_matrix, batch_size: int, bucketed: bool = False) -> dict:
+    """Tokenize all rows of X in batches; return cells/s and mean padded length.
 
-
-def run_bucketed(tok: Tokenizer, X: sp.csr_matrix, batch_size: int) -> dict[str, float]:
-    """As :func:`run`, with batches of similar-length cells (:func:`length_buckets`).
-
-    The time includes computing the lengths and gathering each batch's rows.
+    ``bucketed``: batches of similar-length cells (:func:`length_buckets`); the time includes
+    computing the lengths and gathering each batch's rows.
     """
     tok(X[:batch_size])  # warm-up
     lengths, tokens = [], 0
     start = time.perf_counter()
-    for idx in length_buckets(tok.lengths(X), batch_size, window=32, seed=0):
-        batch = tok(X[np.sort(idx)])
+    if bucketed:
+        batches = (
+            X[np.sort(idx)] for idx in length_buckets(tok.lengths(X), batch_size, window=32, seed=0)
+        )
+    else:
+        batches = (X[s : s + batch_size] for s in range(0, X.shape[0], batch_size))
+    for xb in batches:
+        batch = tok(xb)
         lengths.append(batch["genes"].shape[1])
         tokens += int((~batch["key_padding_mask"]).sum())
     seconds = time.perf_counter() - start
@@ -117,7 +104,7 @@ def main() -> None:
     )
     results["expressed_maxlen2048"] = run(tok, X, args.batch_size)
     print("expressed", results["expressed_maxlen2048"], flush=True)
-    results["expressed_maxlen2048_length_buckets"] = run_bucketed(tok, X, args.batch_size)
+    results["expressed_maxlen2048_length_buckets"] = run(tok, X, args.batch_size, bucketed=True)
     print("expressed, length buckets", results["expressed_maxlen2048_length_buckets"], flush=True)
     del X
 

@@ -67,23 +67,23 @@ def _init_ssm_params(
 
 
 class _MixerBase(nn.Module):
-    """Shared sizes and parameters of the Mamba2 and Hydra mixers."""
+    """Shared sizes and parameters of the Mamba2 and Hydra mixers (see :class:`Mamba2Mixer`)."""
 
     def __init__(
         self,
         d_model: int,
         *,
-        d_state: int,
-        d_conv: int,
-        expand: int,
-        head_dim: int,
-        n_groups: int,
-        chunk_size: int,
-        dt_min: float,
-        dt_max: float,
-        dt_init_floor: float,
-        A_init_range: tuple[float, float],
-        backend: Backend,
+        d_state: int = 64,
+        d_conv: int = 4,
+        expand: int = 2,
+        head_dim: int = 64,
+        n_groups: int = 1,
+        chunk_size: int = 64,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        A_init_range: tuple[float, float] = (1.0, 16.0),
+        backend: Backend = "auto",
     ):
         super().__init__()
         self.d_model = d_model
@@ -102,6 +102,11 @@ class _MixerBase(nn.Module):
         )
         self.norm = RMSNorm(self.d_inner, group_size=self.d_inner // n_groups)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+        self._build(n_groups * d_state)
+
+    def _build(self, gn: int) -> None:
+        """Create ``in_proj`` and ``conv1d`` (and any other layer of the subclass)."""
+        raise NotImplementedError
 
     def _conv(self, n_channels: int) -> nn.Conv1d:
         return nn.Conv1d(n_channels, n_channels, self.d_conv, groups=n_channels, bias=True)
@@ -154,38 +159,8 @@ class Mamba2Mixer(_MixerBase):
         SSD backend, see :func:`scmamba2_scvi.ops.ssd_scan`.
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        *,
-        d_state: int = 64,
-        d_conv: int = 4,
-        expand: int = 2,
-        head_dim: int = 64,
-        n_groups: int = 1,
-        chunk_size: int = 64,
-        dt_min: float = 0.001,
-        dt_max: float = 0.1,
-        dt_init_floor: float = 1e-4,
-        A_init_range: tuple[float, float] = (1.0, 16.0),
-        backend: Backend = "auto",
-    ):
-        super().__init__(
-            d_model,
-            d_state=d_state,
-            d_conv=d_conv,
-            expand=expand,
-            head_dim=head_dim,
-            n_groups=n_groups,
-            chunk_size=chunk_size,
-            dt_min=dt_min,
-            dt_max=dt_max,
-            dt_init_floor=dt_init_floor,
-            A_init_range=A_init_range,
-            backend=backend,
-        )
-        gn = n_groups * d_state
-        self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * gn + self.n_heads, bias=False)
+    def _build(self, gn: int) -> None:
+        self.in_proj = nn.Linear(self.d_model, 2 * self.d_inner + 2 * gn + self.n_heads, bias=False)
         self.conv1d = self._conv(self.d_inner + 2 * gn)
 
     def forward(self, hidden: torch.Tensor, *, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
@@ -268,38 +243,10 @@ class HydraMixer(_MixerBase):
     Parameters are those of :class:`Mamba2Mixer`.
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        *,
-        d_state: int = 64,
-        d_conv: int = 4,
-        expand: int = 2,
-        head_dim: int = 64,
-        n_groups: int = 1,
-        chunk_size: int = 64,
-        dt_min: float = 0.001,
-        dt_max: float = 0.1,
-        dt_init_floor: float = 1e-4,
-        A_init_range: tuple[float, float] = (1.0, 16.0),
-        backend: Backend = "auto",
-    ):
-        super().__init__(
-            d_model,
-            d_state=d_state,
-            d_conv=d_conv,
-            expand=expand,
-            head_dim=head_dim,
-            n_groups=n_groups,
-            chunk_size=chunk_size,
-            dt_min=dt_min,
-            dt_max=dt_max,
-            dt_init_floor=dt_init_floor,
-            A_init_range=A_init_range,
-            backend=backend,
+    def _build(self, gn: int) -> None:
+        self.in_proj = nn.Linear(
+            self.d_model, 2 * self.d_inner + 4 * gn + 2 * self.n_heads, bias=False
         )
-        gn = n_groups * d_state
-        self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 4 * gn + 2 * self.n_heads, bias=False)
         self.conv1d = self._conv(self.d_inner + 4 * gn)
         self.fc_D = nn.Linear(self.d_inner, self.n_heads, bias=False)
 
