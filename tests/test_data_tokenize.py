@@ -260,6 +260,15 @@ def test_lengths_and_token_budget(data):
     lengths = tok.lengths(X)
     expected = (~tok(X)["key_padding_mask"]).sum(1).numpy()
     np.testing.assert_array_equal(lengths, expected)
+    # the scipy CSR path, with an explicit zero and with unmapped columns
+    csr = sp.csr_matrix(X)
+    csr.data[0] = 0
+    some = gene_ids.copy()
+    some[::3] = -1
+    for ids in (gene_ids, some):
+        t = Tokenizer(ids, vocab, max_len=30)
+        want = (~t(csr)["key_padding_mask"]).sum(1).numpy()
+        np.testing.assert_array_equal(t.lengths(csr), want)
     for padded in (True, False):
         batches = split_by_token_budget(lengths, 200, padded=padded)
         np.testing.assert_array_equal(np.concatenate(batches), np.arange(len(X)))
@@ -338,24 +347,3 @@ def test_cuda_matches_cpu(data, mode):
         for key in ("genes", "values", "columns", "key_padding_mask"):
             torch.testing.assert_close(gpu[key].cpu(), cpu[key])
         assert not gpu["mask"][:, 0].any() and not gpu["mask"][gpu["key_padding_mask"]].any()
-
-
-def test_length_buckets_cover_every_cell_once_and_cut_padding():
-    from scmamba2_scvi.data import length_buckets
-
-    rng = np.random.default_rng(0)
-    lengths = rng.integers(5, 500, size=1000)
-    batches = length_buckets(lengths, 32, window=8, seed=1)
-    flat = np.concatenate(batches)
-    assert sorted(flat.tolist()) == list(range(1000))
-    assert all(len(b) <= 32 for b in batches)
-    padded = sum(len(b) * lengths[b].max() for b in batches)
-    plain = sum(len(b) * lengths[b].max() for b in np.array_split(np.arange(1000), 32))
-    assert padded < 0.7 * plain
-    # window=1 keeps each batch's cells together (only sorted inside it)
-    one = length_buckets(lengths, 32, window=1, seed=None)
-    assert [sorted(b.tolist()) for b in one] == [
-        list(range(i, min(i + 32, 1000))) for i in range(0, 1000, 32)
-    ]
-    with pytest.raises(ValueError, match="positive"):
-        length_buckets(lengths, 0)

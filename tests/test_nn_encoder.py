@@ -188,8 +188,8 @@ def test_sequence_blocks_give_the_same_result_and_gradients(packed):
         pad = torch.arange(41)[None] >= torch.tensor([41, 9, 30])[:, None]
         seq_idx = None
 
-    def run(block):
-        enc.seq_block = block
+    def run(block, checkpointing=False):
+        enc.seq_block, enc.checkpointing = block, checkpointing
         enc.zero_grad()
         xi = x.clone().requires_grad_()
         y = enc(xi, key_padding_mask=pad, seq_idx=seq_idx)
@@ -199,6 +199,7 @@ def test_sequence_blocks_give_the_same_result_and_gradients(packed):
         return [y, xi.grad] + [p.grad for p in enc.parameters()]
 
     whole = run(None)
-    for block in (8, 13):  # 13 is not a multiple of the SSD chunk (8)
-        for a, b in zip(whole, run(block), strict=True):
+    # 13 is not a multiple of the SSD chunk (8); checkpointing recomputes each block
+    for block, checkpointing in ((8, False), (13, False), (8, True)):
+        for a, b in zip(whole, run(block, checkpointing), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)

@@ -15,7 +15,6 @@ from ._tokenize import (
     MODES,
     PAD_VALUE,
     Tokenizer,
-    length_buckets,
     split_by_token_budget,
 )
 from ._vocab import SPECIAL_TOKENS, GeneVocab, MappingReport, strip_ensembl_version
@@ -36,7 +35,6 @@ __all__ = [
     "Tokenizer",
     "check_counts",
     "corpus_dataloader",
-    "length_buckets",
     "quantile_bin",
     "shard_info",
     "split_by_token_budget",

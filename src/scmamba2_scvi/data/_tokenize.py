@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from ._binning import (
@@ -299,10 +300,19 @@ class Tokenizer:
         -------
         ``np.ndarray`` of int64, shape ``(n_cells,)``; use with :func:`split_by_token_budget`.
         """
-        csr = _to_csr(X)
         if self._columns is not None:
-            n = np.full(csr.n_rows, len(self._columns) + 1, dtype=np.int64)
+            n = np.full(X.shape[0], len(self._columns) + 1, dtype=np.int64)
+        elif sp.issparse(X) and X.format == "csr":  # straight from the CSR arrays, no copy
+            keep = X.data != 0
+            if not self._all_mapped:
+                keep &= self.gene_ids.numpy()[X.indices] >= 0
+            if keep.all():
+                n = np.diff(X.indptr).astype(np.int64) + 1
+            else:
+                kept = np.concatenate([[0], np.cumsum(keep)])
+                n = kept[X.indptr[1:]] - kept[X.indptr[:-1]] + 1
         else:
+            csr = _to_csr(X)
             keep = (csr.val != 0) & (self.gene_ids[csr.col] >= 0)
             n = torch.bincount(csr.rows()[keep], minlength=csr.n_rows).numpy() + 1
         return n if self.max_len is None else np.minimum(n, self.max_len)
@@ -642,46 +652,4 @@ def split_by_token_budget(
         longest, total = new_longest, new_total
     if start < len(lens):
         batches.append(np.arange(start, len(lens)))
-    return batches
-
-
-def length_buckets(
-    lengths: np.ndarray | Sequence[int] | torch.Tensor,
-    batch_size: int,
-    *,
-    window: int = 32,
-    seed: int | None = 0,
-) -> list[np.ndarray]:
-    """Batches of cells of similar length, so that padded batches waste little padding.
-
-    Cells are cut into windows of ``window * batch_size`` consecutive cells; inside a window
-    they are sorted by length and split into batches; batches are then shuffled. Every cell
-    appears exactly once; randomness across epochs comes from shuffling the cells beforehand.
-
-    Parameters
-    ----------
-    lengths
-        Sequence length of each cell (e.g. :meth:`Tokenizer.lengths`).
-    batch_size
-        Cells per batch.
-    window
-        Batches per sorting window (1 disables bucketing).
-    seed
-        Seed of the batch shuffle; ``None`` keeps the sorted order.
-
-    Returns
-    -------
-    List of index arrays (int64) into ``lengths``.
-    """
-    if batch_size < 1 or window < 1:
-        raise ValueError("batch_size and window must be positive.")
-    lens = np.asarray(torch.as_tensor(lengths).cpu(), dtype=np.int64)
-    span = window * batch_size
-    batches = []
-    for start in range(0, len(lens), span):
-        order = start + np.argsort(lens[start : start + span], kind="stable")
-        batches += [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    if seed is not None:
-        perm = np.random.default_rng(seed).permutation(len(batches))
-        batches = [batches[i] for i in perm]
     return batches

@@ -480,7 +480,10 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         indices: Sequence[int] | None = None,
         batch_size: int | None = None,
     ) -> np.ndarray:
-        """Cell embeddings (the encoder's output at ``<cls>``), deterministic in eval mode.
+        """Cell embeddings, deterministic in eval mode.
+
+        The mean of the encoder's outputs over each cell's tokens (or the output at ``<cls>``
+        for a model with ``cell_embedding="cls"``).
 
         Parameters
         ----------

@@ -68,14 +68,16 @@ class BiMamba2Block(nn.Module):
                 nn.Linear(ffn_mult * d_model, d_model),
             )
 
-    def _shared_flip(self, h, reverse, seq_idx, seq_block) -> torch.Tensor:
+    def _shared_flip(self, h, reverse, seq_idx, seq_block, recompute) -> torch.Tensor:
         """Both directions of the shared Mamba2 in one batched call per block of tokens.
 
         The projections act token by token, so ``in_proj`` runs once and the backward direction
         reads the projected tokens through the reverse index. With ``seq_block`` the two scans
         step through the sequence block by block (forward: block k of the sequence; backward:
         block k of its reversal), carrying their conv and SSM states: exact, and the block's
-        intermediates stay in cache.
+        intermediates stay in cache. ``recompute``: recompute each block in the backward pass
+        (activation checkpointing inside the layer), so that memory no longer grows with the
+        blocks' intermediates.
         """
         b, seqlen = h.shape[:2]
         zxbcdt = self.mixer.in_proj(h)
@@ -88,9 +90,19 @@ class BiMamba2Block(nn.Module):
             idx = [None] * len(both) if seqs is None else seqs.split(seq_block, 1)
             state, ys = None, []
             for blk, blk_idx in zip(both, idx):
-                y_blk, state = self.mixer.inner(
-                    blk, seq_idx=blk_idx, state=state, return_state=True
-                )
+                if recompute:  # keep only each block's inputs and carried state for backward
+                    y_blk, state = checkpoint(
+                        self.mixer.inner,
+                        blk,
+                        seq_idx=blk_idx,
+                        state=state,
+                        return_state=True,
+                        use_reentrant=False,
+                    )
+                else:
+                    y_blk, state = self.mixer.inner(
+                        blk, seq_idx=blk_idx, state=state, return_state=True
+                    )
                 ys.append(y_blk)
             y = torch.cat(ys, 1)
         return self.mixer.out_proj(0.5 * (y[:b] + flip(y[b:], reverse)))
@@ -102,14 +114,16 @@ class BiMamba2Block(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
         seq_idx: torch.Tensor | None = None,
         seq_block: int | None = None,
+        recompute: bool = False,
     ) -> torch.Tensor:
         """Update ``(batch, length, d_model)`` token states; see :class:`BiMamba2Encoder`.
 
-        ``seq_block`` (``"shared_flip"`` only): scan in blocks of this many tokens (exact).
+        ``seq_block`` (``"shared_flip"`` only): scan in blocks of this many tokens (exact);
+        ``recompute``: recompute those blocks in the backward pass instead of storing them.
         """
         h = self.norm(x)
         if self.bidirectional == "shared_flip":
-            m = self._shared_flip(h, reverse, seq_idx, seq_block)
+            m = self._shared_flip(h, reverse, seq_idx, seq_block, recompute)
         else:
             m = self.mixer(h, reverse=reverse, key_padding_mask=key_padding_mask, seq_idx=seq_idx)
         x = x + self.dropout(m)
@@ -137,7 +151,8 @@ class BiMamba2Encoder(nn.Module):
     dropout
         Dropout on block outputs.
     checkpointing
-        Recompute each block's activations in the backward pass (less memory, ~30% more time).
+        Recompute activations in the backward pass (less memory, ~30% more time): each layer's,
+        and within a layer each sequence block's (see ``seq_block``).
     backend
         SSD backend, see :func:`scmamba2_scvi.ops.ssd_scan`.
     cpu_block
@@ -260,10 +275,8 @@ class BiMamba2Encoder(nn.Module):
     def _encode(self, x, key_padding_mask, seq_idx) -> torch.Tensor:
         reverse = reverse_index(key_padding_mask, seq_idx, x.shape[:2], device=x.device)
         seq_block = self.seq_block if x.device.type == "cpu" else None
+        recompute = self.checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            args = (x, reverse, key_padding_mask, seq_idx, seq_block)
-            if self.checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, *args, use_reentrant=False)
-            else:
-                x = layer(*args)
+            args = (x, reverse, key_padding_mask, seq_idx, seq_block, recompute)
+            x = checkpoint(layer, *args, use_reentrant=False) if recompute else layer(*args)
         return self.norm_f(x)
