@@ -7,9 +7,9 @@ Tasks (each model trained from scratch on this CPU; not run in CI):
 - integration, kang2018 control vs IFN-beta (batch = condition): scIB-style bio (NMI, ARI, label
   ASW) and batch (batch ASW, graph connectivity, iLISI) scores of SCMamba2 (DSBN + DAR), scVI
   and PCA;
-- trajectory, paul15: DPT from each embedding, rooted in the 7MEP cluster; Spearman with the
-  given slingshot ``Pseudotime`` and with the differentiation stage (multipotent progenitors 0,
-  GMP 1, mature types 2); SCMamba2 vs scVI vs PCA;
+- trajectory, paul15 (2,000 HVG): DPT from each embedding, rooted in the 7MEP cluster; Spearman
+  with the given slingshot ``Pseudotime`` and with the differentiation stage (multipotent
+  progenitors 0, GMP 1, mature types 2); SCMamba2 vs scVI vs PCA;
 - reconstruction, kang2018: 10% of non-zero entries hidden (set to zero) before training;
   Pearson of predicted vs true log1p-normalised values at the hidden entries, SCMamba2 (GEPC
   head, log1p values) vs scVI's normalised expression.
@@ -187,7 +187,7 @@ def trajectory(args) -> dict:
 
     from scmamba2_scvi import SCMamba2, tl
 
-    adata = load("paul15_myeloid_tradeseq.h5ad")
+    adata = hvg(load("paul15_myeloid_tradeseq.h5ad"))
     stage = adata.obs["cell_type2"].astype(str).map(lambda t: STAGE.get(t, 2)).to_numpy()
     root = ("paul15_clusters", "7MEP")
     reps = {}
