@@ -418,6 +418,7 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         indices: Sequence[int] | None,
         batch_size: int | None,
         desc: str,
+        tokenizer: Tokenizer | None = None,
     ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor, np.ndarray]]:
         """Tokenized minibatches of any AnnData whose genes map onto the vocabulary.
 
@@ -429,7 +430,8 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         X = _matrix(adata, setup.get("layer"))
         if adata is not self.adata:
             _validate_counts(X, "the AnnData's counts", setup.get("check_counts", True))
-        tokenizer, _ = self._tokenizer(adata, seed=0, report=adata is not self.adata)
+        if tokenizer is None:
+            tokenizer, _ = self._tokenizer(adata, seed=0, report=adata is not self.adata)
         batch_key = setup.get("batch_key")
         codes = np.full(adata.n_obs, -1, dtype=np.int64)
         if batch_key is not None and batch_key in adata.obs and self.batch_categories:
@@ -453,12 +455,14 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
             )
 
     @torch.inference_mode()
-    def _embed(self, adata, indices, batch_size, desc) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _embed(
+        self, adata, indices, batch_size, desc, tokenizer=None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         self._check_if_trained(warn=True)
         self.module.eval()
         zs, logits, positions = [], [], []
         use_bf16 = self.device.type == "cuda"
-        for tokens, batch, pos in self._batches(adata, indices, batch_size, desc):
+        for tokens, batch, pos in self._batches(adata, indices, batch_size, desc, tokenizer):
             positions.append(pos)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
                 out = self.module.inference(
@@ -562,7 +566,7 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         Cells x genes predictions.
         """
         adata_ = self.adata if adata is None else adata
-        tokenizer, _ = self._tokenizer(adata_)
+        tokenizer, _ = self._tokenizer(adata_, seed=0, report=adata_ is not self.adata)
         ids = tokenizer.gene_ids.numpy()
         names = adata_.var_names
         if genes is None:
@@ -576,7 +580,7 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
             if unmapped:
                 raise KeyError(f"Genes not in the model's vocabulary: {unmapped}.")
             cols = pos
-        z, _ = self._embed(adata, indices, batch_size, "reconstructing")
+        z, _ = self._embed(adata, indices, batch_size, "reconstructing", tokenizer)
         with torch.inference_mode():
             pred = (
                 self.module.predict_genes(
