@@ -210,7 +210,7 @@ def trajectory(args) -> dict:
             "train_s": round(secs, 1),
         }
     return {
-        "data": f"paul15, {adata.n_obs} cells x {adata.n_vars} genes, root 7MEP",
+        "data": f"paul15, {adata.n_obs} cells x {adata.n_vars} HVG, root 7MEP",
         "methods": out,
     }
 
