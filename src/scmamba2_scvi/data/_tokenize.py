@@ -9,6 +9,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from scmamba2_scvi.nn._heads import MASK_VALUE, PAD_VALUE
+
 from ._binning import (
     _CSR,
     VALUE_TRANSFORMS,
@@ -31,10 +33,6 @@ __all__ = [
     "split_by_token_budget",
 ]
 
-#: Value of padding positions in ``"values"`` / ``"input_values"``.
-PAD_VALUE: float = -2.0
-#: Value of masked positions in ``"input_values"``.
-MASK_VALUE: float = -1.0
 #: Sequence contents understood by :class:`Tokenizer`.
 MODES: tuple[str, ...] = ("expressed", "full", "genes")
 #: Gene orders understood by :class:`Tokenizer`.

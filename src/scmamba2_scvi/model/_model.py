@@ -318,13 +318,11 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         unlabeled = state.get("unlabeled_category")
         return [str(c) for c in state.categorical_mapping if c != unlabeled]
 
-    def _code_map(self, registry_key: str, categories: list[str]) -> torch.Tensor | None:
+    def _code_map(
+        self, registry_key: str, setup_key: str, categories: list[str]
+    ) -> torch.Tensor | None:
         """Registry code -> index in ``categories`` (-1 when absent) for the training AnnData."""
-        setup_key = {REGISTRY_KEYS.BATCH_KEY: "batch_key", REGISTRY_KEYS.LABELS_KEY: "labels_key"}
-        if (
-            not categories
-            or self.adata_manager.registry["setup_args"].get(setup_key[registry_key]) is None
-        ):
+        if not categories or self.adata_manager.registry["setup_args"].get(setup_key) is None:
             return None
         mapping = self.adata_manager.get_state_registry(registry_key).categorical_mapping
         index = {c: i for i, c in enumerate(categories)}
@@ -344,8 +342,12 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
     def _attach_training_data(self) -> None:
         tokenizer, self.gene_report_ = self._tokenizer(self.adata, report=True)
         self.module.tokenizer = tokenizer
-        self.module.label_map = self._code_map(REGISTRY_KEYS.LABELS_KEY, self.label_categories)
-        self.module.batch_map = self._code_map(REGISTRY_KEYS.BATCH_KEY, self.batch_categories)
+        self.module.label_map = self._code_map(
+            REGISTRY_KEYS.LABELS_KEY, "labels_key", self.label_categories
+        )
+        self.module.batch_map = self._code_map(
+            REGISTRY_KEYS.BATCH_KEY, "batch_key", self.batch_categories
+        )
 
     # ------------------------------------------------------------------ training
     def train(

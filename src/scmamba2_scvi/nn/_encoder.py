@@ -82,14 +82,15 @@ class BiMamba2Block(nn.Module):
         b, seqlen = h.shape[:2]
         zxbcdt = self.mixer.in_proj(h)
         seqs = None if seq_idx is None else torch.cat([seq_idx, seq_idx], 0)
+        both = torch.cat([zxbcdt, flip(zxbcdt, reverse)], 0)
         if not seq_block or seqlen <= seq_block:
-            y = self.mixer.inner(torch.cat([zxbcdt, flip(zxbcdt, reverse)], 0), seq_idx=seqs)
+            y = self.mixer.inner(both, seq_idx=seqs)
         else:
             # split, not slices: the backward of a slice allocates a full-length gradient
-            both = torch.cat([zxbcdt, flip(zxbcdt, reverse)], 0).split(seq_block, 1)
-            idx = [None] * len(both) if seqs is None else seqs.split(seq_block, 1)
+            blocks = both.split(seq_block, 1)
+            idx = [None] * len(blocks) if seqs is None else seqs.split(seq_block, 1)
             state, ys = None, []
-            for blk, blk_idx in zip(both, idx):
+            for blk, blk_idx in zip(blocks, idx):
                 if recompute:  # keep only each block's inputs and carried state for backward
                     y_blk, state = checkpoint(
                         self.mixer.inner,

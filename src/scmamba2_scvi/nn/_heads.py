@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PAD_VALUE = -2.0
-MASK_VALUE = -1.0
+#: Value of padding positions in token values (written by the tokenizer, read by the encoder).
+PAD_VALUE: float = -2.0
+#: Value of masked positions in input token values.
+MASK_VALUE: float = -1.0
 
 
 class ValueEncoder(nn.Module):
