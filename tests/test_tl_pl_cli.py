@@ -205,27 +205,22 @@ def test_cli_pretrain_embed_annotate_finetune(tmp_path):
             "cpu",
         ]
     )
-    assert (model_dir / "model.pt").exists()
+    assert (model_dir / "model" / "model.pt").exists()
+    assert (model_dir / "checkpoints" / "step=00000002.ckpt").exists()  # 120 cells / 64
     ft_dir = tmp_path / "ft"
-    with pytest.raises(SystemExit, match="no classifier"):
-        cli.main(
-            [
-                "finetune",
-                str(path),
-                "--model",
-                str(model_dir),
-                "--out",
-                str(ft_dir),
-                "--labels-key",
-                "bulk_labels",
-                "--epochs",
-                "1",
-            ]
-        )
-    emb = tmp_path / "emb.h5ad"
-    cli.main(["embed", str(path), "--model", str(model_dir), "--output", str(emb)])
+    finetune = ["finetune", str(path), "--model", str(model_dir), "--out", str(ft_dir)]
+    with pytest.raises(SystemExit, match="no obs column 'cell_type'"):
+        cli.main([*finetune, "--labels-key", "cell_type", "--epochs", "1"])
+    # the pretrained backbone gets a new classifier head for the query's labels
+    cli.main([*finetune, "--labels-key", "bulk_labels", "--epochs", "1"])
+    labelled = tmp_path / "labelled.h5ad"
+    cli.main(["annotate", str(path), "--model", str(ft_dir), "--output", str(labelled)])
     import anndata as ad
 
+    predicted = ad.read_h5ad(labelled).obs["scmamba2_label"]
+    assert set(predicted) <= set(adata.obs["bulk_labels"].astype(str))
+    emb = tmp_path / "emb.h5ad"
+    cli.main(["embed", str(path), "--model", str(model_dir), "--output", str(emb)])
     assert ad.read_h5ad(emb).obsm["X_scmamba2"].shape == (120, 128)
     with pytest.raises(SystemExit, match="does not exist"):
         cli.main(

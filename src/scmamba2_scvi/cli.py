@@ -159,28 +159,51 @@ def demo(args: argparse.Namespace) -> dict:
 
 
 def pretrain(args: argparse.Namespace) -> None:
-    """Masked-expression pretraining on one or more h5ad files (in memory)."""
-    import anndata as ad
+    """Masked-expression pretraining streamed from h5ad shards or a TileDB-SOMA experiment.
 
-    from .model import SCMamba2
+    Runs on one CPU or GPU, or on several GPUs and nodes with the same command (DDP by default,
+    FSDP with --strategy fsdp; multi-node through torchrun or SLURM). Checkpoints go to
+    OUT/checkpoints every --checkpoint-every steps; --resume continues from the latest one.
+    """
+    from .model import pretrain as run
 
-    adatas = [_read(p) for p in args.input]
-    adata = adatas[0] if len(adatas) == 1 else ad.concat(adatas, join="outer", fill_value=0)
-    SCMamba2.setup_anndata(
-        adata, layer=args.layer, batch_key=args.batch_key, gene_key=args.gene_key
-    )
-    model = SCMamba2(adata, preset=args.preset, max_len=args.max_len, mode=args.mode)
-    print(model._model_summary_string)
-    model.train(
-        max_epochs=args.epochs,
-        max_steps=args.max_steps,
+    source = args.input if len(args.input) > 1 else args.input[0]
+    model_kwargs = {"max_len": args.max_len, "mode": args.mode}
+    devices = int(args.devices) if str(args.devices).isdigit() else args.devices
+    model_dir = run(
+        source,
+        args.out,
+        preset=args.preset,
+        model_kwargs=model_kwargs,
         batch_size=args.batch_size,
+        max_steps=args.max_steps,
+        max_epochs=args.epochs,
+        lr=args.lr,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
         accelerator=args.accelerator,
-        devices=args.devices,
-        plan_kwargs={"lr": args.lr},
+        devices=devices,
+        num_nodes=args.num_nodes,
+        strategy=args.strategy,
+        precision=args.precision,
+        packed=args.packed,
+        num_workers=args.num_workers,
+        block_size=args.block_size,
+        seed=args.seed,
+        layer=args.layer,
+        gene_key=args.gene_key,
+        data_log=args.data_log,
+        progress_bar=not args.no_progress,
     )
-    model.save(args.out, overwrite=True, save_anndata=False)
-    print(f"saved the pretrained model to {args.out}")
+    print(f"saved the pretrained model to {model_dir}")
+
+
+def _model_dir(path: str) -> str:
+    """A saved model's folder, also given as the output folder of ``scmamba2 pretrain``."""
+    inner = Path(path) / "model"
+    if not (Path(path) / "model.pt").exists() and (inner / "model.pt").exists():
+        return str(inner)
+    return path
 
 
 def finetune(args: argparse.Namespace) -> None:
@@ -190,7 +213,7 @@ def finetune(args: argparse.Namespace) -> None:
     adata = _read(args.input)
     model = SCMamba2.load_query_data(
         adata,
-        args.model,
+        _model_dir(args.model),
         layer=args.layer,
         batch_key=args.batch_key,
         labels_key=args.labels_key,
@@ -198,8 +221,8 @@ def finetune(args: argparse.Namespace) -> None:
     )
     if args.labels_key is not None and not model.label_categories:
         raise SystemExit(
-            "error: the reference model has no classifier; pretrain with labels or "
-            "train a new model with SCMamba2(adata) after setup_anndata(labels_key)."
+            f"error: {args.input} has no obs column {args.labels_key!r} to train the "
+            "classifier on; pass --labels-key with a column of cell types."
         )
     model.train(
         max_epochs=args.epochs,
@@ -217,7 +240,11 @@ def _apply(args: argparse.Namespace, tool: str) -> None:
 
     adata = _read(args.input)
     model = SCMamba2.load_query_data(
-        adata, args.model, gene_key=args.gene_key, labels_key=None, batch_key="reference"
+        adata,
+        _model_dir(args.model),
+        gene_key=args.gene_key,
+        labels_key=None,
+        batch_key="reference",
     )
     if tool == "embed":
         tl.embed(adata, model, key_added=args.key)
@@ -264,16 +291,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=demo)
 
-    p = sub.add_parser("pretrain", help="pretrain on h5ad files", description=pretrain.__doc__)
-    p.add_argument("input", nargs="+", help="h5ad file(s) with counts")
-    p.add_argument("--out", required=True, help="folder to save the model to")
-    p.add_argument("--layer", default=None, help="layer with counts (default: X)")
-    p.add_argument("--batch-key", default=None)
+    p = sub.add_parser(
+        "pretrain",
+        help="pretrain on a corpus of h5ad shards or a TileDB-SOMA experiment",
+        description=pretrain.__doc__,
+    )
+    p.add_argument(
+        "input", nargs="+", help="folder of h5ad shards, h5ad file(s), or a SOMA experiment"
+    )
+    p.add_argument("--out", required=True, help="output folder (checkpoints/, model/, logs/)")
+    p.add_argument("--layer", default=None, help="counts layer (h5ad: default X; SOMA: raw)")
     p.add_argument("--gene-key", default=None, help="var column with gene IDs or symbols")
     p.add_argument("--mode", default="expressed", choices=["expressed", "full"])
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--devices", default="auto")
-    common(p, epochs=10)
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps")
+    p.add_argument("--checkpoint-every", type=int, default=1000, help="default: %(default)s")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--devices", default="auto", help="devices per node (auto, N)")
+    p.add_argument("--num-nodes", type=int, default=1)
+    p.add_argument("--strategy", default="auto", help="auto (DDP with several devices), fsdp")
+    p.add_argument("--precision", default=None, help="default: bf16-mixed on GPU")
+    p.add_argument(
+        "--packed",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="packed variable-length batches (default: on GPU)",
+    )
+    p.add_argument("--num-workers", type=int, default=0, help="data processes per rank")
+    p.add_argument("--block-size", type=int, default=1024, help="cells per corpus block")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-log", action="store_true", help="log the cells of every batch")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    common(p, epochs=None)
     p.set_defaults(func=pretrain)
 
     p = sub.add_parser(

@@ -9,6 +9,7 @@ from ._corpus import (
     corpus_dataloader,
     shard_info,
 )
+from ._stream import TokenStream
 from ._tokenize import (
     GENE_ORDERS,
     MASK_VALUE,
@@ -32,6 +33,7 @@ __all__ = [
     "H5adShardCorpus",
     "MappingReport",
     "SomaCorpus",
+    "TokenStream",
     "Tokenizer",
     "check_counts",
     "corpus_dataloader",

@@ -10,7 +10,8 @@ import torch
 
 __all__ = ["VALUE_TRANSFORMS", "check_counts", "quantile_bin", "transform_values"]
 
-#: Value transforms understood by :func:`transform_values` and :class:`~.Tokenizer`.
+#: Value transforms understood by :func:`~scmamba2_scvi.data.transform_values` and
+#: :class:`~scmamba2_scvi.data.Tokenizer`.
 VALUE_TRANSFORMS: tuple[str, ...] = ("bin", "log1p", "raw")
 
 ArrayLike = np.ndarray | sp.spmatrix | sp.sparray | torch.Tensor

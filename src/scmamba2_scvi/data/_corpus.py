@@ -154,17 +154,28 @@ class CellCorpus(IterableDataset):
         return self.blocks()[shard::n_shards]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        offsets = np.concatenate([[0], np.cumsum(self._sizes)]).astype(np.int64)
-        for source, start, stop in self.shard_blocks():
-            X, gene_ids, names = self._read(source, start, stop)
-            X = _to_vocab_space(X, gene_ids, len(self.vocab))
-            index = np.arange(start, stop, dtype=np.int64) + offsets[source]
-            names = np.asarray(names, dtype=object)
-            if self.shuffle:
-                rng = np.random.default_rng([self.seed, self.epoch, source, start])
-                perm = rng.permutation(stop - start)
-                X, index, names = X[perm], index[perm], names[perm]
-            yield {"X": X, "obs_index": index, "obs_names": names}
+        for block in self.shard_blocks():
+            yield self.read_block(*block)
+
+    def read_block(self, source: int, start: int, stop: int) -> dict[str, Any]:
+        """Read one block (an item of :meth:`blocks`), its cells shuffled when ``shuffle``.
+
+        Returns
+        -------
+        ``X`` (CSR, cells x ``len(vocab)``), ``obs_index`` (int64 position of each cell in the
+        corpus) and ``obs_names``. The within-block order depends only on the seed, the epoch
+        and the block, so the same block reads the same on every rank and after a restart.
+        """
+        X, gene_ids, names = self._read(source, start, stop)
+        X = _to_vocab_space(X, gene_ids, len(self.vocab))
+        offset = int(np.sum(self._sizes[:source], dtype=np.int64))
+        index = np.arange(start, stop, dtype=np.int64) + offset
+        names = np.asarray(names, dtype=object)
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, self.epoch, source, start])
+            perm = rng.permutation(stop - start)
+            X, index, names = X[perm], index[perm], names[perm]
+        return {"X": X, "obs_index": index, "obs_names": names}
 
     def _read(self, source: int, start: int, stop: int) -> tuple[Any, np.ndarray, Sequence[str]]:
         """Return rows ``start:stop`` of ``source``, its column -> token map, and cell names."""

@@ -33,9 +33,9 @@ __all__ = [
     "split_by_token_budget",
 ]
 
-#: Sequence contents understood by :class:`Tokenizer`.
+#: Sequence contents understood by :class:`~scmamba2_scvi.data.Tokenizer`.
 MODES: tuple[str, ...] = ("expressed", "full", "genes")
-#: Gene orders understood by :class:`Tokenizer`.
+#: Gene orders understood by :class:`~scmamba2_scvi.data.Tokenizer`.
 GENE_ORDERS: tuple[str, ...] = ("vocab", "genomic", "expression", "random")
 
 _KEY_MAX = (1 << 31) - 1  # float32 bit keys of non-negative values are below this

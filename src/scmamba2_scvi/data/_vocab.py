@@ -126,7 +126,7 @@ def _resolve_genes(
 
 @dataclass
 class MappingReport:
-    """How the columns of a dataset matched a :class:`GeneVocab`.
+    """How the columns of a dataset matched a :class:`~scmamba2_scvi.data.GeneVocab`.
 
     Attributes
     ----------
@@ -451,7 +451,7 @@ class GeneVocab:
         warn_fraction
             Emit a UserWarning when fewer than this fraction of columns match.
         return_report
-            Also return the :class:`MappingReport` (always stored in :attr:`last_report`).
+            Also return the :class:`MappingReport` (always stored in the ``last_report`` attribute).
 
         Returns
         -------
@@ -590,7 +590,7 @@ class GeneVocab:
 
     @property
     def symbols(self) -> list[str | None]:
-        """Gene symbols in token id order (``None`` when unknown), aligned with :attr:`gene_ids`."""
+        """Gene symbols (``None`` when unknown), in the order of :attr:`GeneVocab.gene_ids`."""
         return [t for t, s in zip(self._symbols, self._special) if not s]
 
     @property
@@ -614,7 +614,7 @@ class GeneVocab:
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-serialisable dictionary (see :meth:`from_dict`)."""
+        """Return a JSON-serialisable dictionary (see :meth:`GeneVocab.from_dict`)."""
         return {
             "format_version": _FORMAT_VERSION,
             "tokens": list(self._tokens),
@@ -626,7 +626,7 @@ class GeneVocab:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GeneVocab:
-        """Rebuild a vocabulary from :meth:`to_dict` output, keeping every token id."""
+        """Rebuild a vocabulary from :meth:`GeneVocab.to_dict` output, keeping every token id."""
         if data.get("format_version") != _FORMAT_VERSION:
             raise ValueError(
                 f"Unsupported GeneVocab format_version {data.get('format_version')!r}; "
@@ -647,7 +647,7 @@ class GeneVocab:
 
     @classmethod
     def load(cls, path: str | PathLike) -> GeneVocab:
-        """Read a vocabulary written by :meth:`save`."""
+        """Read a vocabulary written by :meth:`GeneVocab.save`."""
         with open(path, encoding="utf-8") as fh:
             return cls.from_dict(json.load(fh))
 

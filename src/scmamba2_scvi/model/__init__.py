@@ -1,6 +1,19 @@
-"""scvi-tools model: AnnData in and out, training, save/load, transfer learning."""
+"""scvi-tools model: AnnData in and out, training, save/load, transfer learning, pretraining."""
 
-from ._model import PRESETS, SCMamba2
-from ._trainingplan import SCMamba2TrainingPlan, warmup_cosine
+from ._model import PRESETS, SCMamba2, build_module
+from ._pretrain import PretrainPlan, corpus_vocab, latest_checkpoint, pretrain, save_pretrained
+from ._trainingplan import SCMamba2TrainingPlan, param_groups, warmup_cosine
 
-__all__ = ["PRESETS", "SCMamba2", "SCMamba2TrainingPlan", "warmup_cosine"]
+__all__ = [
+    "PRESETS",
+    "PretrainPlan",
+    "SCMamba2",
+    "SCMamba2TrainingPlan",
+    "build_module",
+    "corpus_vocab",
+    "latest_checkpoint",
+    "param_groups",
+    "pretrain",
+    "save_pretrained",
+    "warmup_cosine",
+]

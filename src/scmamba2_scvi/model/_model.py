@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import warnings
 from collections.abc import Iterator, Sequence
@@ -88,6 +89,41 @@ def _validate_counts(X, where: str, check: bool, chunk: int = 20000) -> None:
         )
 
 
+def build_module(
+    n_vocab: int, n_batch: int, n_labels: int, params: dict[str, Any]
+) -> tuple[SCMamba2Module, dict[str, Any]]:
+    """The network of an :class:`SCMamba2` with arguments ``params``; also its resolved sizes.
+
+    ``params`` holds :class:`SCMamba2`'s keyword arguments (missing ones take their defaults);
+    the preset's sizes apply unless a size is given. Used by :class:`SCMamba2` and by
+    :func:`~scmamba2_scvi.model.pretrain`, so both build the same architecture.
+    """
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(SCMamba2.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    params = {**defaults, **{k: v for k, v in params.items() if k in defaults}}
+    preset = params["preset"]
+    if preset not in PRESETS:
+        raise ValueError(f"Unknown preset {preset!r}; choose one of {list(PRESETS)}.")
+    sizes = {"checkpointing": False, **PRESETS[preset]}
+    sizes.update({k: params[k] for k in _SIZE_KEYS if params[k] is not None})
+    options = (
+        "d_conv n_groups chunk_size bidirectional ffn dropout backend value_encoding n_bins dsbn "
+        "cell_embedding mask_ratio"
+    ).split()
+    module = SCMamba2Module(
+        n_vocab,
+        n_batch=n_batch,
+        n_labels=n_labels,
+        value_scale=params["n_bins"] - 1 if params["value_transform"] == "bin" else 1.0,
+        **{k: params[k] for k in options},
+        **sizes,
+    )
+    return module, sizes
+
+
 class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
     """SC-MAMBA2: a bidirectional Mamba2 single-cell foundation model, as an scvi-tools model.
 
@@ -172,17 +208,6 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         if preset not in PRESETS:
             raise ValueError(f"Unknown preset {preset!r}; choose one of {list(PRESETS)}.")
         super().__init__(adata)
-        sizes = {**{"checkpointing": False}, **PRESETS[preset]}
-        given = {
-            "d_model": d_model,
-            "n_layers": n_layers,
-            "d_state": d_state,
-            "head_dim": head_dim,
-            "expand": expand,
-            "checkpointing": checkpointing,
-        }
-        sizes.update({k: v for k, v in given.items() if v is not None})
-
         setup = self.adata_manager.registry["setup_args"]
         if vocab is None:
             vocab = GeneVocab.from_anndata(adata, gene_key=setup.get("gene_key"))
@@ -206,24 +231,8 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         }
         self.min_gene_fraction = min_gene_fraction
 
-        self.module = self._module_cls(
-            len(vocab),
-            n_batch=len(self.batch_categories),
-            n_labels=len(self.label_categories),
-            d_conv=d_conv,
-            n_groups=n_groups,
-            chunk_size=chunk_size,
-            bidirectional=bidirectional,
-            ffn=ffn,
-            dropout=dropout,
-            backend=backend,
-            value_encoding=value_encoding,
-            n_bins=n_bins,
-            dsbn=dsbn,
-            cell_embedding=cell_embedding,
-            mask_ratio=mask_ratio,
-            value_scale=n_bins - 1 if value_transform == "bin" else 1.0,
-            **sizes,
+        self.module, sizes = build_module(
+            len(vocab), len(self.batch_categories), len(self.label_categories), locals()
         )
         self._attach_training_data()
         n_params = sum(p.numel() for p in self.module.parameters())
@@ -672,8 +681,29 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         }
         if min_gene_fraction is not None:
             kwargs["min_gene_fraction"] = min_gene_fraction
+        # A reference without a classifier (or batch heads), e.g. a pretrained backbone, gets new
+        # heads for the query's labels (batches): they start untrained, fine-tune them.
+        new_heads = []
+        for key, categories in (
+            ("labels_key", "label_categories"),
+            ("batch_key", "batch_categories"),
+        ):
+            if setup.get(key) is not None and not kwargs.get(categories):
+                kwargs.pop(categories, None)
+                new_heads.append(key)
         model = cls(adata, **kwargs)
-        model.module.load_state_dict(state)
+        missing, unexpected = model.module.load_state_dict(state, strict=not new_heads)
+        fresh = ("classifier.", "discriminator.", "token_norm.")
+        if unexpected or any(not k.startswith(fresh) for k in missing):
+            raise ValueError(
+                f"The saved weights do not fit this architecture (missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}); was {reference} saved by another version?"
+            )
+        if new_heads:
+            logger.info(
+                "New heads for the query's %s (the reference has none); fine-tune with train().",
+                " and ".join(new_heads),
+            )
         _, _, torch_device = parse_device_args(
             accelerator, device, return_device="torch", validate_single_device=True
         )

@@ -33,6 +33,37 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) ->
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: no weight decay on biases, norms, embeddings and SSM parameters.
+
+    Parameters
+    ----------
+    module
+        The network.
+    weight_decay
+        Decay of the other (matrix) parameters.
+
+    Returns
+    -------
+    Two groups, with and without decay.
+    """
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = (
+            p.dim() < 2
+            or getattr(p, "_no_weight_decay", False)
+            or "embedding" in name
+            or "norm" in name
+        )
+        (no_decay if skip else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
 class SCMamba2TrainingPlan(TrainingPlan):
     """scvi-tools :class:`~scvi.train.TrainingPlan` with AdamW, warm-up + cosine schedule.
 
@@ -77,26 +108,11 @@ class SCMamba2TrainingPlan(TrainingPlan):
         self.warmup_ratio, self.warmup_steps = warmup_ratio, warmup_steps
         self.min_lr_ratio, self.betas = min_lr_ratio, betas
 
-    def _param_groups(self) -> list[dict]:
-        decay, no_decay = [], []
-        for name, p in self.module.named_parameters():
-            if not p.requires_grad:
-                continue
-            skip = (
-                p.dim() < 2
-                or getattr(p, "_no_weight_decay", False)
-                or "embedding" in name
-                or "norm" in name
-            )
-            (no_decay if skip else decay).append(p)
-        return [
-            {"params": decay, "weight_decay": self.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-
     def configure_optimizers(self):
         """AdamW and a per-step warm-up + cosine schedule over the run's estimated steps."""
-        optimizer = torch.optim.AdamW(self._param_groups(), lr=self.lr, betas=self.betas)
+        optimizer = torch.optim.AdamW(
+            param_groups(self.module, self.weight_decay), lr=self.lr, betas=self.betas
+        )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = (
             self.warmup_steps if self.warmup_steps is not None else int(self.warmup_ratio * total)

@@ -21,10 +21,24 @@ from scmamba2_scvi.nn import (
 )
 
 
-def _masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-cell mean squared error over ``mask`` (cells without masked tokens give 0)."""
+def _masked_mse(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    seq_idx: torch.Tensor | None = None,
+    n_cells: int | None = None,
+) -> torch.Tensor:
+    """Per-cell mean squared error over ``mask`` (cells without masked tokens give 0).
+
+    Rows are cells, or with ``seq_idx`` one packed row whose tokens belong to ``n_cells`` cells.
+    """
     se = (pred - target).pow(2) * mask
-    return se.sum(1) / mask.sum(1).clamp(min=1)
+    if seq_idx is None:
+        return se.sum(1) / mask.sum(1).clamp(min=1)
+    cell = seq_idx.reshape(-1).long()
+    total = se.new_zeros(n_cells).index_add_(0, cell, se.reshape(-1))
+    count = mask.new_zeros(n_cells).index_add_(0, cell, mask.reshape(-1))
+    return total / count.clamp(min=1)
 
 
 def _pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -193,8 +207,10 @@ class SCMamba2Module(BaseModuleClass):
         batch_index: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
         masked: torch.Tensor | None = None,
+        seq_idx: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Encode tokenized cells.
+        """Encode tokenized cells, padded ``(batch, length)`` or packed ``(1, total)``.
 
         Parameters
         ----------
@@ -209,16 +225,33 @@ class SCMamba2Module(BaseModuleClass):
             ``(batch,)`` batch of each cell (DSBN), or ``None``.
         targets, masked
             Passed through for the loss: true values and the masked positions.
+        seq_idx, cu_seqlens
+            Packed cells (:meth:`~scmamba2_scvi.data.Tokenizer.pack`): ``(1, total)`` cell index
+            of each token and ``(batch + 1,)`` cell boundaries. No padding is computed; results
+            equal the padded batch's.
 
         Returns
         -------
-        ``z`` (``(batch, d_model)`` cell embedding), ``tokens`` (``(batch, length, d_model)``), and
-        the inputs the heads need.
+        ``z`` (``(batch, d_model)`` cell embedding), ``tokens`` (``(batch, length, d_model)``, or
+        ``(1, total, d_model)`` packed), and the inputs the heads need.
         """
+        packed = seq_idx is not None
+        if packed and (cu_seqlens is None or genes.shape[0] != 1):
+            raise ValueError("Packed input needs genes of shape (1, total) and cu_seqlens.")
+        if packed and batch_index is not None and self.token_norm.n_domains > 1:
+            raise ValueError("Domain-specific batch norm needs padded batches, not packed ones.")
         gene_emb = self.gene_norm(self.gene_embedding(genes))
         x = self.token_norm(gene_emb + self.value_encoder(values), key_padding_mask, batch_index)
-        tokens = self.encoder(x, key_padding_mask=key_padding_mask)
-        if self.cell_embedding == "cls":
+        tokens = self.encoder(x, key_padding_mask=key_padding_mask, seq_idx=seq_idx)
+        if packed:
+            cell = seq_idx.reshape(-1).long()
+            n_cells = cu_seqlens.numel() - 1
+            if self.cell_embedding == "cls":
+                z = tokens[0, cu_seqlens[:-1].long()]
+            else:
+                z = tokens.new_zeros(n_cells, tokens.shape[-1]).index_add_(0, cell, tokens[0])
+                z = z / torch.diff(cu_seqlens).clamp(min=1).unsqueeze(-1).to(z.dtype)
+        elif self.cell_embedding == "cls":
             z = tokens[:, 0]
         else:
             real = (
@@ -234,6 +267,8 @@ class SCMamba2Module(BaseModuleClass):
             "key_padding_mask": key_padding_mask,
             "targets": targets,
             "masked": masked,
+            "seq_idx": seq_idx,
+            "cu_seqlens": cu_seqlens,
         }
 
     def _get_generative_input(self, tensors, inference_outputs) -> dict:
@@ -241,17 +276,28 @@ class SCMamba2Module(BaseModuleClass):
             "z": inference_outputs["z"],
             "tokens": inference_outputs["tokens"],
             "gene_emb": inference_outputs["gene_emb"],
+            "seq_idx": inference_outputs.get("seq_idx"),
         }
 
     @auto_move_data
     def generative(
-        self, z: torch.Tensor, tokens: torch.Tensor, gene_emb: torch.Tensor
+        self,
+        z: torch.Tensor,
+        tokens: torch.Tensor,
+        gene_emb: torch.Tensor,
+        seq_idx: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Heads: per-token values (GEP), gene-query values (GEPC), label and batch logits."""
-        out = {
-            "gep": self.expr_decoder(tokens),
-            "gepc": self.query_decoder(z, gene_emb),
-        }
+        """Heads: per-token values (GEP), gene-query values (GEPC), label and batch logits.
+
+        With packed tokens (``seq_idx``), each token's gene query meets its own cell's embedding.
+        """
+        if seq_idx is None:
+            gepc = self.query_decoder(z, gene_emb)
+        else:
+            cell_tokens = self.query_decoder.cell(z)[seq_idx.reshape(-1).long()]
+            query = torch.sigmoid(self.query_decoder.query(gene_emb[0]))
+            gepc = (query * cell_tokens).sum(-1).unsqueeze(0)
+        out = {"gep": self.expr_decoder(tokens), "gepc": gepc}
         if self.classifier is not None:
             out["label_logits"] = self.classifier(z)
         if self.discriminator is not None:
@@ -297,13 +343,18 @@ class SCMamba2Module(BaseModuleClass):
         """
         targets, masked = inference_outputs["targets"], inference_outputs["masked"]
         z = inference_outputs["z"]
+        seq_idx, cu_seqlens = inference_outputs.get("seq_idx"), inference_outputs.get("cu_seqlens")
         if masked is None or not bool(masked.any()):
             pad = inference_outputs["key_padding_mask"]
             masked = torch.ones_like(targets, dtype=torch.bool) if pad is None else ~pad
-            masked[:, 0] = False  # never <cls>
+            if seq_idx is None:
+                masked[:, 0] = False  # never <cls>
+            else:
+                masked[0, cu_seqlens[:-1].long()] = False
         masked = masked.float()
-        gep = _masked_mse(generative_outputs["gep"], targets, masked)
-        gepc = _masked_mse(generative_outputs["gepc"], targets, masked)
+        n_cells = z.shape[0]
+        gep = _masked_mse(generative_outputs["gep"], targets, masked, seq_idx, n_cells)
+        gepc = _masked_mse(generative_outputs["gepc"], targets, masked, seq_idx, n_cells)
         total = gep_weight * gep.mean() + gepc_weight * gepc.mean()
         extra: dict[str, torch.Tensor] = {"gep": gep.mean().detach(), "gepc": gepc.mean().detach()}
         sel = masked.bool()
@@ -372,3 +423,39 @@ class SCMamba2Module(BaseModuleClass):
         """
         gene_emb = self.gene_norm(self.gene_embedding(gene_tokens.to(z.device)))
         return self.query_decoder(z, gene_emb) * self.value_scale
+
+    def token_loss(
+        self,
+        tokens: dict[str, torch.Tensor],
+        batch_index: torch.Tensor | None = None,
+        **loss_kwargs: float,
+    ) -> LossOutput:
+        """Masked-expression losses of an already tokenized batch (corpus pretraining).
+
+        Parameters
+        ----------
+        tokens
+            Output of :class:`~scmamba2_scvi.data.Tokenizer` (padded) or of its
+            :meth:`~scmamba2_scvi.data.Tokenizer.pack` (packed: ``seq_idx`` and ``cu_seqlens``),
+            masked by the tokenizer.
+        batch_index
+            ``(batch,)`` batch of each cell, or ``None``.
+        **loss_kwargs
+            Loss weights, see :meth:`loss`.
+
+        Returns
+        -------
+        :class:`~scvi.module.base.LossOutput`, as :meth:`loss`.
+        """
+        inference = self.inference(
+            tokens["genes"],
+            self.scale_values(tokens["input_values"]),
+            tokens.get("key_padding_mask"),
+            batch_index,
+            targets=self.scale_values(tokens["values"]),
+            masked=tokens["mask"],
+            seq_idx=tokens.get("seq_idx"),
+            cu_seqlens=tokens.get("cu_seqlens"),
+        )
+        generative = self.generative(**self._get_generative_input({}, inference))
+        return self.loss({}, inference, generative, **loss_kwargs)

@@ -76,7 +76,7 @@ def ssd_scan_torch(
     return_final_state: bool = False,
     block_len: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Pure-PyTorch chunked SSD scan; see :func:`ssd_scan` for the arguments.
+    """Pure-PyTorch chunked SSD scan; see :func:`~scmamba2_scvi.ops.ssd_scan` for the arguments.
 
     Computes in float32 (float64 when ``x`` is float64) whatever the input dtype. Memory is
     ``O(L * chunk_size)`` per head plus ``O(L / chunk_size * head_dim * d_state)`` for chunk states.

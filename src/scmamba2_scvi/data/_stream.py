@@ -1,0 +1,258 @@
+"""A resumable stream of tokenized batches of a corpus, for (distributed) pretraining."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ._corpus import CellCorpus
+from ._tokenize import Tokenizer
+
+__all__ = ["TokenStream"]
+
+
+def _distributed(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    dist = torch.distributed
+    initialised = dist.is_available() and dist.is_initialized()
+    if rank is None:
+        rank = dist.get_rank() if initialised else 0
+    if world_size is None:
+        world_size = dist.get_world_size() if initialised else 1
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must lie in [0, world_size={world_size}).")
+    return rank, world_size
+
+
+def _round_robin_counts(lengths: list[int], n: int) -> tuple[list[int], int]:
+    """Items taken from each list after ``n`` steps of a round robin over non-empty lists.
+
+    Returns the per-list counts and the list the round robin takes from next.
+    """
+    counts = [0] * len(lengths)
+    left = n
+    cycle = 0
+    while True:
+        active = [w for w, size in enumerate(lengths) if size > cycle]
+        if not active:
+            return counts, 0
+        if left < len(active):
+            for w in active[:left]:
+                counts[w] += 1
+            return counts, active[left]
+        for w in active:
+            counts[w] += 1
+        left -= len(active)
+        cycle += 1
+
+
+class _Worker(IterableDataset):
+    """Batches of the calling DataLoader worker's share of one rank's epoch."""
+
+    def __init__(self, stream: TokenStream, epoch: int, start: int, stop: int) -> None:
+        super().__init__()
+        self.stream, self.epoch, self.start, self.stop = stream, epoch, start, stop
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        slot = info.id if info is not None else 0
+        yield from self.stream._worker_batches(self.epoch, self.start, self.stop, slot)
+
+
+class TokenStream:
+    """Tokenized batches of a corpus for pretraining: sharded, rank-balanced and resumable.
+
+    Every epoch the corpus's blocks (shuffled per epoch) are dealt to ``world_size x num_workers``
+    shards as in :class:`~scmamba2_scvi.data.CellCorpus`; a shard's cells are cut into batches of
+    ``batch_size`` cells and the workers of a rank take turns, so each rank sees one fixed
+    sequence of batches. All ranks run the same number of steps per epoch (:meth:`__len__`, the
+    smallest rank's count; the few batches over it are left out of that epoch), so no rank waits
+    for another in a collective. Every batch is tokenized with its own seeded generator, so
+    masking does not depend on workers or restarts.
+
+    The stream is *stateful* in Lightning's sense: :meth:`state_dict` is the data position
+    (epoch and batches consumed, the same on every rank), saved in checkpoints, and after
+    :meth:`load_state_dict` iteration continues at the next unconsumed batch, with no batch lost
+    or repeated. The consumer reports consumption with :meth:`mark_consumed` (the pretraining plan
+    does this), because DataLoaders and Lightning fetch batches ahead of use.
+
+    Parameters
+    ----------
+    corpus
+        The corpus; its ``rank``/``world_size`` are ignored in favour of the stream's.
+    tokenizer
+        Tokenizer over vocabulary columns, e.g. ``Tokenizer.from_vocab(corpus.vocab, ...)``.
+    batch_size
+        Cells per batch (a shard's last batch may be smaller).
+    num_workers
+        DataLoader worker processes per rank, each reading and tokenizing its own blocks.
+    packed
+        Yield :meth:`Tokenizer.pack` batches (one row, ``seq_idx``/``cu_seqlens``) instead of
+        padded ones.
+    seed
+        Seed of the per-batch generators (masking, random subsets).
+    rank, world_size
+        Distributed position; default from ``torch.distributed`` when it is initialised.
+    **loader_kwargs
+        Passed to the :class:`~torch.utils.data.DataLoader` (e.g. ``pin_memory``).
+
+    Examples
+    --------
+    >>> corpus = H5adShardCorpus("shards/", vocab, shuffle=True)
+    >>> stream = TokenStream(corpus, Tokenizer.from_vocab(vocab, mask_ratio=0.15), 64)
+    >>> for batch in stream:
+    ...     loss = module.token_loss(batch).loss
+    ...     stream.mark_consumed(batch["step"])
+    """
+
+    def __init__(
+        self,
+        corpus: CellCorpus,
+        tokenizer: Tokenizer,
+        batch_size: int = 64,
+        *,
+        num_workers: int = 0,
+        packed: bool = False,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        **loader_kwargs: Any,
+    ) -> None:
+        if len(tokenizer.gene_ids) != len(corpus.vocab):
+            raise ValueError(
+                f"The tokenizer has {len(tokenizer.gene_ids)} columns but corpus batches have one "
+                f"column per vocabulary token ({len(corpus.vocab)}); build it with "
+                "Tokenizer.from_vocab(corpus.vocab, ...)."
+            )
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}.")
+        self.corpus, self.tokenizer = corpus, tokenizer
+        self.batch_size, self.num_workers, self.packed = batch_size, num_workers, packed
+        self.seed = seed
+        self.rank, self.world_size = rank, world_size
+        self.loader_kwargs = loader_kwargs
+        self.epoch = 0
+        self.consumed = 0
+
+    # ------------------------------------------------------------------ the plan of an epoch
+    @property
+    def _slots(self) -> int:
+        return max(1, self.num_workers)
+
+    def _shard_blocks(self, epoch: int, rank: int, world: int) -> list[list[tuple[int, int, int]]]:
+        """Blocks of each worker of ``rank`` in ``epoch``."""
+        self.corpus.set_epoch(epoch)
+        blocks = self.corpus.blocks()
+        n_shards = world * self._slots
+        return [blocks[rank * self._slots + w :: n_shards] for w in range(self._slots)]
+
+    def _worker_lengths(self, epoch: int, rank: int, world: int) -> list[int]:
+        return [
+            math.ceil(sum(stop - start for _, start, stop in blocks) / self.batch_size)
+            for blocks in self._shard_blocks(epoch, rank, world)
+        ]
+
+    def steps_per_epoch(self, epoch: int | None = None) -> int:
+        """Batches every rank yields in ``epoch`` (default: the current one)."""
+        epoch = self.epoch if epoch is None else epoch
+        _, world = _distributed(self.rank, self.world_size)
+        return min(sum(self._worker_lengths(epoch, r, world)) for r in range(world))
+
+    def __len__(self) -> int:
+        """Batches per epoch on each rank (computed from block sizes, without reading data)."""
+        return self.steps_per_epoch()
+
+    # ------------------------------------------------------------------ state
+    def mark_consumed(self, step: int | torch.Tensor) -> None:
+        """Record that the batch with index ``step`` (``batch["step"]``) has been trained on."""
+        self.consumed = int(step) + 1
+
+    def state_dict(self) -> dict[str, int]:
+        """The data position: ``epoch`` and batches ``consumed`` in it (same on all ranks)."""
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from a position returned by :meth:`state_dict`."""
+        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+
+    # ------------------------------------------------------------------ iteration
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """Yield the rest of the current epoch, then move to the next epoch.
+
+        Each batch is a tokenizer dictionary plus ``obs_index`` ``(b,)`` (the cells' positions
+        in the corpus), ``step`` (its index in the epoch) and ``epoch``.
+        """
+        if self.consumed >= self.steps_per_epoch():
+            self.epoch, self.consumed = self.epoch + 1, 0
+        epoch, start = self.epoch, self.consumed
+        stop = self.steps_per_epoch(epoch)
+        dataset = _Worker(self, epoch, start, stop)
+        if self.num_workers == 0:
+            batches: Any = iter(dataset)
+        else:
+            batches = DataLoader(
+                dataset, batch_size=None, num_workers=self.num_workers, **self.loader_kwargs
+            )
+        for step, batch in zip(range(start, stop), batches, strict=False):
+            batch["step"] = step
+            batch["epoch"] = epoch
+            yield batch
+
+    def _worker_batches(
+        self, epoch: int, start: int, stop: int, slot: int
+    ) -> Iterator[dict[str, Any]]:
+        """Batches of DataLoader worker ``slot`` for steps ``start:stop`` of ``epoch``.
+
+        Worker slots are rotated so that the DataLoader's round robin, which begins at slot 0,
+        continues the epoch's order exactly where ``start`` left it.
+        """
+        rank, world = _distributed(self.rank, self.world_size)
+        lengths = self._worker_lengths(epoch, rank, world)
+        done, first = _round_robin_counts(lengths, start)
+        limit, _ = _round_robin_counts(lengths, stop)
+        worker = (slot + first) % self._slots
+        blocks = self._shard_blocks(epoch, rank, world)[worker]
+        skip = done[worker] * self.batch_size
+        n_batches = limit[worker] - done[worker]
+        if n_batches <= 0:
+            return
+        bs, k = self.batch_size, done[worker]
+        X_rest, index_rest = None, np.zeros(0, dtype=np.int64)
+        for source, b_start, b_stop in blocks:
+            size = b_stop - b_start
+            if skip >= size:  # consumed before the restart: not read at all
+                skip -= size
+                continue
+            self.corpus.set_epoch(epoch)  # the within-block shuffle of this epoch
+            block = self.corpus.read_block(source, b_start, b_stop)
+            X, index = block["X"][skip:], block["obs_index"][skip:]
+            skip = 0
+            if X_rest is not None:
+                X, index = sp.vstack([X_rest, X], format="csr"), np.concatenate([index_rest, index])
+            n_full = (X.shape[0] // bs) * bs
+            for s in range(0, n_full, bs):
+                if k - done[worker] >= n_batches:
+                    return
+                yield self._batch(X[s : s + bs], index[s : s + bs], epoch, (rank, worker), k)
+                k += 1
+            X_rest, index_rest = X[n_full:], index[n_full:]
+        if len(index_rest) and k - done[worker] < n_batches:  # the shard's last, smaller batch
+            yield self._batch(X_rest, index_rest, epoch, (rank, worker), k)
+
+    def _batch(
+        self, X: sp.csr_matrix, index: np.ndarray, epoch: int, shard: tuple[int, int], k: int
+    ) -> dict[str, Any]:
+        """Tokenize batch ``k`` of ``shard`` (rank, worker) with its own seeded generator."""
+        state = np.random.SeedSequence([self.seed, epoch, *shard, k]).generate_state(1)
+        generator = torch.Generator().manual_seed(int(state[0]))
+        fn = self.tokenizer.pack if self.packed else self.tokenizer
+        out = fn(X, generator=generator)
+        out["obs_index"] = torch.from_numpy(np.ascontiguousarray(index))
+        return out
