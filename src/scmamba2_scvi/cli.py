@@ -170,30 +170,19 @@ def pretrain(args: argparse.Namespace) -> None:
     source = args.input if len(args.input) > 1 else args.input[0]
     model_kwargs = {"max_len": args.max_len, "mode": args.mode}
     devices = int(args.devices) if str(args.devices).isdigit() else args.devices
+    same = (
+        "batch_size max_steps lr checkpoint_every resume accelerator num_nodes strategy "
+        "precision packed num_workers block_size seed layer gene_key data_log"
+    ).split()
     model_dir = run(
         source,
         args.out,
         preset=args.preset,
         model_kwargs=model_kwargs,
-        batch_size=args.batch_size,
-        max_steps=args.max_steps,
         max_epochs=args.epochs,
-        lr=args.lr,
-        checkpoint_every=args.checkpoint_every,
-        resume=args.resume,
-        accelerator=args.accelerator,
         devices=devices,
-        num_nodes=args.num_nodes,
-        strategy=args.strategy,
-        precision=args.precision,
-        packed=args.packed,
-        num_workers=args.num_workers,
-        block_size=args.block_size,
-        seed=args.seed,
-        layer=args.layer,
-        gene_key=args.gene_key,
-        data_log=args.data_log,
         progress_bar=not args.no_progress,
+        **{name: getattr(args, name) for name in same},
     )
     print(f"saved the pretrained model to {model_dir}")
 
