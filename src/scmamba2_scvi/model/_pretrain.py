@@ -19,7 +19,7 @@ import numpy as np
 import scvi
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LambdaCallback, ModelCheckpoint
 
 from scmamba2_scvi.data import (
     CellCorpus,
@@ -468,8 +468,13 @@ def pretrain(
     )
     if data_log:
         (out / "data_log").mkdir(exist_ok=True)
-    vocab.save(out / "vocab.json")
-    (out / "config.json").write_text(json.dumps({"params": params, "sizes": sizes}, indent=2))
+
+    def write_run_files(trainer: pl.Trainer, _: pl.LightningModule) -> None:
+        # once every rank has read them (fit starts after the ranks' rendezvous), by one rank
+        if trainer.is_global_zero:
+            vocab.save(out / "vocab.json")
+            config = {"params": params, "sizes": sizes}
+            (out / "config.json").write_text(json.dumps(config, indent=2))
 
     checkpoint = ModelCheckpoint(
         dirpath=out / "checkpoints",
@@ -490,7 +495,7 @@ def pretrain(
         precision=precision or ("bf16-mixed" if on_gpu else "32-true"),
         max_steps=-1 if max_steps is None else max_steps,
         max_epochs=-1 if max_epochs is None else max_epochs,
-        callbacks=[checkpoint],
+        callbacks=[checkpoint, LambdaCallback(on_fit_start=write_run_files)],
         plugins=[_AtomicCheckpointIO()],
         default_root_dir=out,
         logger=pl.loggers.CSVLogger(out, name="logs"),
@@ -501,9 +506,9 @@ def pretrain(
         **trainer_kwargs,
     )
     trainer.fit(plan, train_dataloaders=stream, ckpt_path=ckpt_path)
-    final = out / "checkpoints" / f"step={trainer.global_step:08d}.ckpt"
-    if not final.exists():  # the end of the run, so that a longer run can resume from it
-        trainer.save_checkpoint(final)
+    if trainer.global_step % checkpoint_every:  # the end of the run, for a longer run to resume
+        # (decided from the step, not from the file, so every rank joins this collective)
+        trainer.save_checkpoint(out / "checkpoints" / f"step={trainer.global_step:08d}.ckpt")
     model_dir = out / "model"
     if trainer.is_global_zero:
         save_pretrained(plan.module, params, vocab, model_dir)
