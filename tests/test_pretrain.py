@@ -186,13 +186,18 @@ def test_pretrain_streams_checkpoints_and_loads_into_scmamba2(shards, cells, tmp
     assert model.get_latent_representation().shape == (32, 32)
 
 
-def test_pretrain_refuses_resuming_with_another_vocabulary(shards, tmp_path):
+def test_pretrain_refuses_resuming_another_model_or_vocabulary(shards, tmp_path):
     out = tmp_path / "run"
     kwargs = {"preset": "cpu-small", "model_kwargs": TINY, "batch_size": 8, "max_steps": 2}
     pretrain(shards, out, progress_bar=False, accelerator="cpu", **kwargs)
     other = GeneVocab.from_anndata([f"GENE{i}" for i in range(50)])
     with pytest.raises(ValueError, match="vocabulary differs"):
         pretrain(shards, out, vocab=other, resume=True, accelerator="cpu", **kwargs)
+    wider = {**kwargs, "model_kwargs": {**TINY, "d_model": 64}}
+    with pytest.raises(ValueError, match="same preset and model_kwargs"):
+        pretrain(shards, out, resume=True, accelerator="cpu", **wider)
+    with pytest.raises(ValueError, match="batch_size must be a positive"):
+        pretrain(shards, out, **{**kwargs, "batch_size": 0})
 
 
 def cli(*args):

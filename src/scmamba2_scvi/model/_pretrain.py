@@ -403,8 +403,19 @@ def pretrain(
     The folder of the pretrained model (``out_dir/model``): load it onto your data with
     ``SCMamba2.load_query_data(adata, out_dir / "model")`` and fine-tune.
     """
+    for name, value in (("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
+        if value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value}.")
+    params = {"preset": preset, **(model_kwargs or {})}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if resume and (out / "config.json").exists():
+        before = json.loads((out / "config.json").read_text())["params"]
+        if before != params:
+            raise ValueError(
+                f"The checkpoints in {out} are of a model built with {before}, not {params}; "
+                "resume with the same preset and model_kwargs, or write to a new out_dir."
+            )
     ckpt_path = None
     if resume:
         ckpt_path = latest_checkpoint(out) if resume is True else Path(resume)
@@ -439,7 +450,6 @@ def pretrain(
                 _shard_paths(corpus), vocab, layer=layer, gene_key=gene_key, **common
             )
 
-    params = {"preset": preset, **(model_kwargs or {})}
     pl.seed_everything(seed, workers=True, verbose=False)
     module, sizes = build_module(len(vocab), 0, 0, params)
     on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
