@@ -94,6 +94,31 @@ def test_stream_resumes_at_any_position_with_same_batches(shards, workers):
         assert as_lists(stream) == full[cut:]  # same cells, same masks
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_token_budget_batches_fit_the_budget_and_resume(shards, packed):
+    vocab = corpus_vocab(shards)
+    corpus = H5adShardCorpus(shards, vocab, block_size=16, shuffle=True, seed=5)
+    tok = Tokenizer.from_vocab(vocab, max_len=512, mask_ratio=0.25)  # cells: 180-410 genes
+    budget = 1500
+    stream = TokenStream(corpus, tok, 64, token_budget=budget, packed=packed, num_workers=2)
+    batches = list(stream)
+    assert len(batches) == len(stream)
+    cells = np.concatenate([b["obs_index"].numpy() for b in batches])
+    np.testing.assert_array_equal(np.sort(cells), np.arange(128))
+    sizes = {len(b["obs_index"]) for b in batches}
+    assert len(sizes) > 2  # the number of cells follows the cells' lengths
+    for b in batches:
+        real = ~b["key_padding_mask"]
+        cost = real.sum() if packed else real.shape[0] * real.sum(1).max()
+        assert cost <= budget
+    assert max(b["genes"].numel() for b in batches) > budget // 2  # and the budget is used
+    again = TokenStream(corpus, tok, 64, token_budget=budget, packed=packed, num_workers=2)
+    again.load_state_dict({"epoch": 0, "consumed": 3})
+    assert as_lists(again) == as_lists(batches[3:])
+    with pytest.raises(ValueError, match="cannot hold one cell"):
+        TokenStream(corpus, tok, token_budget=100)
+
+
 def test_stream_moves_to_a_reshuffled_epoch_only_when_consumed(shards):
     vocab = corpus_vocab(shards)
     stream = make_stream(shards, vocab)
@@ -294,7 +319,7 @@ def test_soma_experiment_reads_like_the_shards(shards, cells, tmp_path):
     assert (model_dir / "model.pt").exists()
 
 
-def test_pretrain_on_a_single_h5ad_file(cells, tmp_path):
+def test_pretrain_on_a_single_h5ad_file_packed_with_a_token_budget(cells, tmp_path):
     path = tmp_path / "one.h5ad"
     a = cells[:40].copy()
     a.obs = pd.DataFrame(index=a.obs_names)
@@ -305,8 +330,14 @@ def test_pretrain_on_a_single_h5ad_file(cells, tmp_path):
         preset="cpu-small",
         model_kwargs=TINY,
         batch_size=16,
+        token_budget=200,  # 4 cells of max_len 48 (+ <cls>) per step
+        packed=True,
+        data_log=True,
         progress_bar=False,
         accelerator="cpu",
     )
+    log = read_log(tmp_path / "run" / "data_log")[0]
+    assert {len(cells) for _, cells in log.values()} == {4}
+    assert sorted(c for _, cs in log.values() for c in cs) == list(range(40))
     back = ad.read_h5ad(path)
     assert SCMamba2.load_query_data(back, model_dir).get_latent_representation().shape == (40, 32)

@@ -171,8 +171,8 @@ def pretrain(args: argparse.Namespace) -> None:
     model_kwargs = {"max_len": args.max_len, "mode": args.mode}
     devices = int(args.devices) if str(args.devices).isdigit() else args.devices
     same = (
-        "batch_size max_steps lr checkpoint_every resume accelerator num_nodes strategy "
-        "precision packed num_workers block_size seed layer gene_key data_log"
+        "batch_size token_budget max_steps lr checkpoint_every resume accelerator num_nodes "
+        "strategy precision packed num_workers block_size seed layer gene_key data_log"
     ).split()
     model_dir = run(
         source,
@@ -306,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="packed variable-length batches (default: on GPU)",
     )
     p.add_argument("--num-workers", type=int, default=0, help="data processes per rank")
+    p.add_argument(
+        "--token-budget", type=int, default=None, help="tokens per step (batch size varies)"
+    )
     p.add_argument("--block-size", type=int, default=1024, help="cells per corpus block")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-log", action="store_true", help="log the cells of every batch")

@@ -171,11 +171,26 @@ class CellCorpus(IterableDataset):
         offset = int(np.sum(self._sizes[:source], dtype=np.int64))
         index = np.arange(start, stop, dtype=np.int64) + offset
         names = np.asarray(names, dtype=object)
-        if self.shuffle:
-            rng = np.random.default_rng([self.seed, self.epoch, source, start])
-            perm = rng.permutation(stop - start)
+        perm = self.block_order(source, start, stop)
+        if perm is not None:
             X, index, names = X[perm], index[perm], names[perm]
         return {"X": X, "obs_index": index, "obs_names": names}
+
+    def block_order(self, source: int, start: int, stop: int) -> np.ndarray | None:
+        """Order in which :meth:`read_block` yields the block's cells (``None``: as stored)."""
+        if not self.shuffle:
+            return None
+        return np.random.default_rng([self.seed, self.epoch, source, start]).permutation(
+            stop - start
+        )
+
+    def stored_counts(self, source: int) -> np.ndarray | None:
+        """Stored (non-zero) entries of each cell of ``source``, read from metadata alone.
+
+        An upper bound of each cell's expressed-gene tokens, used to plan token-budget batches
+        without reading expression values; ``None`` when the storage does not tell.
+        """
+        return None
 
     def _read(self, source: int, start: int, stop: int) -> tuple[Any, np.ndarray, Sequence[str]]:
         """Return rows ``start:stop`` of ``source``, its column -> token map, and cell names."""
@@ -220,8 +235,15 @@ class AnnDataCorpus(CellCorpus):
         self._sizes = [adata.n_obs]
 
     def _read(self, source: int, start: int, stop: int) -> tuple[Any, np.ndarray, Sequence[str]]:
-        matrix = self.adata.X if self.layer is None else self.adata.layers[self.layer]
-        return matrix[start:stop], self.gene_ids, self.adata.obs_names[start:stop]
+        return self._matrix()[start:stop], self.gene_ids, self.adata.obs_names[start:stop]
+
+    def _matrix(self) -> Any:
+        return self.adata.X if self.layer is None else self.adata.layers[self.layer]
+
+    def stored_counts(self, source: int) -> np.ndarray | None:
+        """Stored entries per cell, from the CSR index pointer of an in-memory matrix."""
+        X = self._matrix()
+        return np.diff(X.indptr) if sp.issparse(X) and X.format == "csr" else None
 
 
 class H5adShardCorpus(CellCorpus):
@@ -283,6 +305,15 @@ class H5adShardCorpus(CellCorpus):
         if "layers" not in f or self.layer not in f["layers"]:
             raise KeyError(f"layer={self.layer!r} not found in {path}.")
         return f["layers"][self.layer]
+
+    def stored_counts(self, source: int) -> np.ndarray | None:
+        """Stored entries per cell, from the ``indptr`` of a CSR matrix (values are not read)."""
+        path = self.paths[source]
+        with h5py.File(path, "r") as f:
+            elem = self._matrix(f, path)
+            if isinstance(elem, h5py.Group) and elem.attrs.get("encoding-type") == "csr_matrix":
+                return np.diff(elem["indptr"][:])
+        return None
 
     def _read(self, source: int, start: int, stop: int) -> tuple[Any, np.ndarray, Sequence[str]]:
         path = self.paths[source]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ._corpus import CellCorpus
-from ._tokenize import Tokenizer
+from ._tokenize import Tokenizer, split_by_token_budget
 
 __all__ = ["TokenStream"]
 
@@ -69,10 +68,12 @@ class TokenStream:
 
     Every epoch the corpus's blocks (shuffled per epoch) are dealt to ``world_size x num_workers``
     shards as in :class:`~scmamba2_scvi.data.CellCorpus`; a shard's cells are cut into batches of
-    ``batch_size`` cells and the workers of a rank take turns, so each rank sees one fixed
-    sequence of batches. All ranks run the same number of steps per epoch (:meth:`__len__`, the
-    smallest rank's count; the few batches over it are left out of that epoch), so no rank waits
-    for another in a collective. Every batch is tokenized with its own seeded generator, so
+    ``batch_size`` cells (or, with ``token_budget``, of as many cells as fit the budget) and the
+    workers of a rank take turns, so each rank sees one fixed sequence of batches. Batches are
+    planned from block sizes and index pointers alone, before any expression value is read. All
+    ranks run the same number of steps per epoch (:meth:`__len__`, the smallest rank's count; the
+    few batches over it are left out of that epoch), so no rank waits for another in a
+    collective. Every batch is tokenized with its own seeded generator, so
     masking does not depend on workers or restarts.
 
     The stream is *stateful* in Lightning's sense: :meth:`state_dict` is the data position
@@ -88,7 +89,14 @@ class TokenStream:
     tokenizer
         Tokenizer over vocabulary columns, e.g. ``Tokenizer.from_vocab(corpus.vocab, ...)``.
     batch_size
-        Cells per batch (a shard's last batch may be smaller).
+        Cells per batch (a shard's last batch may be smaller); the most cells per batch with
+        ``token_budget``.
+    token_budget
+        Tokens per batch: padded length x cells, or with ``packed`` the sum of lengths. Cells'
+        lengths are bounded from their stored entries
+        (:meth:`~scmamba2_scvi.data.CellCorpus.stored_counts`, capped by the tokenizer's
+        ``max_len``) or taken as ``max_len`` when the storage does not tell; the budget must hold
+        one cell of ``max_len`` tokens.
     num_workers
         DataLoader worker processes per rank, each reading and tokenizing its own blocks.
     packed
@@ -116,6 +124,7 @@ class TokenStream:
         tokenizer: Tokenizer,
         batch_size: int = 64,
         *,
+        token_budget: int | None = None,
         num_workers: int = 0,
         packed: bool = False,
         seed: int = 0,
@@ -133,8 +142,17 @@ class TokenStream:
             raise ValueError(f"batch_size must be positive, got {batch_size}.")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}.")
+        if token_budget is not None and (tokenizer.max_len or 0) > token_budget:
+            raise ValueError(
+                f"token_budget={token_budget} cannot hold one cell of max_len="
+                f"{tokenizer.max_len} tokens; raise it (or lower the tokenizer's max_len)."
+            )
+        if token_budget is not None and tokenizer.max_len is None:
+            raise ValueError("token_budget needs a tokenizer with a max_len.")
         self.corpus, self.tokenizer = corpus, tokenizer
         self.batch_size, self.num_workers, self.packed = batch_size, num_workers, packed
+        self.token_budget = token_budget
+        self._stored: dict[int, np.ndarray | None] = {}
         self.seed = seed
         self.rank, self.world_size = rank, world_size
         self.loader_kwargs = loader_kwargs
@@ -153,11 +171,39 @@ class TokenStream:
         n_shards = world * self._slots
         return [blocks[rank * self._slots + w :: n_shards] for w in range(self._slots)]
 
+    def _batch_sizes(self, epoch: int, rank: int, world: int) -> list[list[int]]:
+        """Cells of each batch of each worker of ``rank`` in ``epoch``."""
+        plans = []
+        for blocks in self._shard_blocks(epoch, rank, world):
+            n = sum(stop - start for _, start, stop in blocks)
+            if self.token_budget is None:
+                plans.append([min(self.batch_size, n - k) for k in range(0, n, self.batch_size)])
+                continue
+            lengths = np.concatenate([self._cell_tokens(*b) for b in blocks] or [np.zeros(0)])
+            sizes = []
+            for batch in split_by_token_budget(lengths, self.token_budget, padded=not self.packed):
+                size = len(batch)
+                sizes += [self.batch_size] * (size // self.batch_size)
+                sizes += [size % self.batch_size] if size % self.batch_size else []
+            plans.append(sizes)
+        return plans
+
+    def _cell_tokens(self, source: int, start: int, stop: int) -> np.ndarray:
+        """Upper bounds of the cells' token counts, in the order the block is read."""
+        tok = self.tokenizer
+        if tok.mode != "expressed":  # a fixed gene set: every cell has the same length
+            return np.full(stop - start, tok.lengths(sp.csr_matrix((1, len(tok.gene_ids))))[0])
+        if source not in self._stored:
+            self._stored[source] = self.corpus.stored_counts(source)
+        stored = self._stored[source]
+        if stored is None:
+            return np.full(stop - start, tok.max_len)
+        lengths = np.minimum(stored[start:stop] + 1, tok.max_len)  # + <cls>
+        order = self.corpus.block_order(source, start, stop)
+        return lengths if order is None else lengths[order]
+
     def _worker_lengths(self, epoch: int, rank: int, world: int) -> list[int]:
-        return [
-            math.ceil(sum(stop - start for _, start, stop in blocks) / self.batch_size)
-            for blocks in self._shard_blocks(epoch, rank, world)
-        ]
+        return [len(sizes) for sizes in self._batch_sizes(epoch, rank, world)]
 
     def steps_per_epoch(self, epoch: int | None = None) -> int:
         """Batches every rank yields in ``epoch`` (default: the current one)."""
@@ -214,16 +260,16 @@ class TokenStream:
         continues the epoch's order exactly where ``start`` left it.
         """
         rank, world = _distributed(self.rank, self.world_size)
-        lengths = self._worker_lengths(epoch, rank, world)
+        plans = self._batch_sizes(epoch, rank, world)
+        lengths = [len(sizes) for sizes in plans]
         done, first = _round_robin_counts(lengths, start)
         limit, _ = _round_robin_counts(lengths, stop)
         worker = (slot + first) % self._slots
-        blocks = self._shard_blocks(epoch, rank, world)[worker]
-        skip = done[worker] * self.batch_size
-        n_batches = limit[worker] - done[worker]
-        if n_batches <= 0:
+        if limit[worker] <= done[worker]:
             return
-        bs, k = self.batch_size, done[worker]
+        blocks = self._shard_blocks(epoch, rank, world)[worker]
+        skip = sum(plans[worker][: done[worker]])  # cells consumed before a restart
+        k = done[worker]
         X_rest, index_rest = None, np.zeros(0, dtype=np.int64)
         for source, b_start, b_stop in blocks:
             size = b_stop - b_start
@@ -236,15 +282,14 @@ class TokenStream:
             skip = 0
             if X_rest is not None:
                 X, index = sp.vstack([X_rest, X], format="csr"), np.concatenate([index_rest, index])
-            n_full = (X.shape[0] // bs) * bs
-            for s in range(0, n_full, bs):
-                if k - done[worker] >= n_batches:
-                    return
-                yield self._batch(X[s : s + bs], index[s : s + bs], epoch, (rank, worker), k)
-                k += 1
-            X_rest, index_rest = X[n_full:], index[n_full:]
-        if len(index_rest) and k - done[worker] < n_batches:  # the shard's last, smaller batch
-            yield self._batch(X_rest, index_rest, epoch, (rank, worker), k)
+            used = 0
+            while k < limit[worker] and used + plans[worker][k] <= X.shape[0]:
+                cut = slice(used, used + plans[worker][k])
+                yield self._batch(X[cut], index[cut], epoch, (rank, worker), k)
+                used, k = cut.stop, k + 1
+            if k == limit[worker]:
+                return
+            X_rest, index_rest = X[used:], index[used:]
 
     def _batch(
         self, X: sp.csr_matrix, index: np.ndarray, epoch: int, shard: tuple[int, int], k: int

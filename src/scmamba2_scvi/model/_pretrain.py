@@ -317,6 +317,7 @@ def pretrain(
     preset: str = "default",
     model_kwargs: dict[str, Any] | None = None,
     batch_size: int = 64,
+    token_budget: int | None = None,
     max_steps: int | None = None,
     max_epochs: int | None = None,
     lr: float = 1e-3,
@@ -365,7 +366,10 @@ def pretrain(
         Architecture: a preset of :class:`~scmamba2_scvi.model.SCMamba2` and any of its
         keyword arguments (``d_model``, ``mode``, ``max_len``, ``mask_ratio``, ``backend``...).
     batch_size
-        Cells per step on each rank.
+        Cells per step on each rank (the most, with ``token_budget``).
+    token_budget
+        Tokens per step on each rank: batches hold as many cells as fit (padded length x cells,
+        or the sum of lengths when packed), planned from the shards' index pointers.
     max_steps, max_epochs
         Length of the run (default: one epoch).
     lr, weight_decay, warmup_steps
@@ -461,6 +465,7 @@ def pretrain(
         corpus,
         tokenizer,
         batch_size,
+        token_budget=token_budget,
         num_workers=num_workers,
         packed=packed,
         seed=seed,
