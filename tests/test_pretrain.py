@@ -206,7 +206,8 @@ def test_pretrain_streams_checkpoints_and_loads_into_scmamba2(shards, cells, tmp
     loaded = model.module.state_dict()
     for key, value in reference.items():
         torch.testing.assert_close(loaded[key], value)  # the backbone is the pretrained one
-    model.train(max_epochs=1, batch_size=16, accelerator="cpu", enable_progress_bar=False)
+    model.train(max_epochs=2, batch_size=16, accelerator="cpu", enable_progress_bar=False)
+    assert len(model.history["train_loss"]) == 2  # fine-tuning keeps a history (per epoch)
     assert model.predict().shape == (32,)
     assert model.get_latent_representation().shape == (32, 32)
 

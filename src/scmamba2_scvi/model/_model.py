@@ -409,6 +409,8 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
             trainer_kwargs.setdefault("precision", "bf16-mixed")
         self._attach_training_data()
+        if self.history_ is None:  # weights given by load_query_data: the history starts here
+            self.is_trained_ = False
         return super().train(
             max_epochs=max_epochs,
             accelerator=accelerator,
