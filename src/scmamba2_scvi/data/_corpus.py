@@ -29,6 +29,19 @@ __all__ = [
 ]
 
 
+def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """Distributed rank and world size: as given, else from ``torch.distributed``, else 0 of 1."""
+    dist = torch.distributed
+    initialised = dist.is_available() and dist.is_initialized()
+    if rank is None:
+        rank = dist.get_rank() if initialised else 0
+    if world_size is None:
+        world_size = dist.get_world_size() if initialised else 1
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must lie in [0, world_size={world_size}).")
+    return rank, world_size
+
+
 def shard_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
     """Return ``(shard_id, n_shards)`` of the calling DataLoader worker across all ranks.
 
@@ -42,14 +55,7 @@ def shard_info(rank: int | None = None, world_size: int | None = None) -> tuple[
     -------
     ``shard_id = rank * num_workers + worker_id`` and ``n_shards = world_size * num_workers``.
     """
-    if rank is None or world_size is None:
-        dist = torch.distributed
-        initialised = dist.is_available() and dist.is_initialized()
-        rank = (dist.get_rank() if initialised else 0) if rank is None else rank
-        if world_size is None:
-            world_size = dist.get_world_size() if initialised else 1
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank={rank} must lie in [0, world_size={world_size}).")
+    rank, world_size = _rank_world(rank, world_size)
     info = get_worker_info()
     worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
     return rank * n_workers + worker, world_size * n_workers

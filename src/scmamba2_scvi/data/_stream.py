@@ -10,22 +10,10 @@ import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ._corpus import CellCorpus
+from ._corpus import CellCorpus, _rank_world
 from ._tokenize import Tokenizer, split_by_token_budget
 
 __all__ = ["TokenStream"]
-
-
-def _distributed(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    dist = torch.distributed
-    initialised = dist.is_available() and dist.is_initialized()
-    if rank is None:
-        rank = dist.get_rank() if initialised else 0
-    if world_size is None:
-        world_size = dist.get_world_size() if initialised else 1
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank={rank} must lie in [0, world_size={world_size}).")
-    return rank, world_size
 
 
 def _round_robin_counts(lengths: list[int], n: int) -> tuple[list[int], int]:
@@ -153,6 +141,7 @@ class TokenStream:
         self.batch_size, self.num_workers, self.packed = batch_size, num_workers, packed
         self.token_budget = token_budget
         self._stored: dict[int, np.ndarray | None] = {}
+        self._plans: dict[tuple[int, int, int], list[list[int]]] = {}
         self.seed = seed
         self.rank, self.world_size = rank, world_size
         self.loader_kwargs = loader_kwargs
@@ -172,7 +161,14 @@ class TokenStream:
         return [blocks[rank * self._slots + w :: n_shards] for w in range(self._slots)]
 
     def _batch_sizes(self, epoch: int, rank: int, world: int) -> list[list[int]]:
-        """Cells of each batch of each worker of ``rank`` in ``epoch``."""
+        """Cells of each batch of each worker of ``rank`` in ``epoch`` (planned once per epoch)."""
+        key = (epoch, rank, world)
+        if key not in self._plans:
+            self._plans = {k: v for k, v in self._plans.items() if k[0] == epoch}
+            self._plans[key] = self._plan(epoch, rank, world)
+        return self._plans[key]
+
+    def _plan(self, epoch: int, rank: int, world: int) -> list[list[int]]:
         plans = []
         for blocks in self._shard_blocks(epoch, rank, world):
             n = sum(stop - start for _, start, stop in blocks)
@@ -208,7 +204,7 @@ class TokenStream:
     def steps_per_epoch(self, epoch: int | None = None) -> int:
         """Batches every rank yields in ``epoch`` (default: the current one)."""
         epoch = self.epoch if epoch is None else epoch
-        _, world = _distributed(self.rank, self.world_size)
+        _, world = _rank_world(self.rank, self.world_size)
         return min(sum(self._worker_lengths(epoch, r, world)) for r in range(world))
 
     def __len__(self) -> int:
@@ -259,7 +255,7 @@ class TokenStream:
         Worker slots are rotated so that the DataLoader's round robin, which begins at slot 0,
         continues the epoch's order exactly where ``start`` left it.
         """
-        rank, world = _distributed(self.rank, self.world_size)
+        rank, world = _rank_world(self.rank, self.world_size)
         plans = self._batch_sizes(epoch, rank, world)
         lengths = [len(sizes) for sizes in plans]
         done, first = _round_robin_counts(lengths, start)
