@@ -273,9 +273,7 @@ class TokenDataLoader(DataLoader):
         kwargs.setdefault("persistent_workers", settings.dl_persistent_workers)
         if not kwargs["num_workers"]:
             kwargs.pop("persistent_workers")
-        dataset = _Minibatches(
-            adata_manager.create_torch_dataset(load_sparse_tensor=True), indices
-        )
+        dataset = _Minibatches(adata_manager.create_torch_dataset(load_sparse_tensor=True), indices)
         super().__init__(dataset, sampler=sampler, batch_size=None, collate_fn=collate, **kwargs)
 
 

@@ -116,9 +116,7 @@ def _fields(
 _SETUP_KEYS = {REGISTRY_KEYS.BATCH_KEY: "batch_key", REGISTRY_KEYS.LABELS_KEY: "labels_key"}
 
 
-def _source_registry(
-    registry: dict, adata: AnnData, columns: dict[str, str | None]
-) -> dict | None:
+def _source_registry(registry: dict, adata: AnnData, columns: dict[str, str | None]) -> dict | None:
     """A registry to transfer onto ``adata`` (scvi-tools' ``source_registry``).
 
     The reference's categories keep their codes, which are the heads' indices; categories of
@@ -135,10 +133,13 @@ def _source_registry(
     x_state["n_vars"], x_state["column_names"] = adata.n_vars, np.asarray(adata.var_names)
     for key, column in columns.items():
         state = fields[key]["state_registry"]
+        if column is None:  # scvi-tools' default field (one code, 0): read as unknown
+            state["categorical_mapping"] = np.zeros(1, dtype=np.int64)
+            continue
         known = []
         if registry["setup_args"].get(_SETUP_KEYS[key]) is not None:
             known = list(state["categorical_mapping"])
-        present = [] if column is None else np.unique(adata.obs[column].astype(str)).tolist()
+        present = np.unique(adata.obs[column].astype(str)).tolist()
         new = [c for c in present if c not in set(map(str, known))]
         state["categorical_mapping"] = np.asarray(known + new, dtype=object)
     return source
@@ -430,15 +431,24 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
             logger.info("Gene mapping onto the model's vocabulary:\n%s", rep)
         return np.asarray(ids), rep
 
-    def _collate(self, adata: AnnData, *, training: bool) -> TokenCollate:
-        """The loader's tokenizing step for ``adata``'s genes (masked for training)."""
+    def _collate(
+        self, adata: AnnData, *, training: bool, batch_key: str | None = None
+    ) -> TokenCollate:
+        """The loader's tokenizing step for ``adata``'s genes (masked for training).
+
+        Codes count only where a column was registered (``batch_key`` for another AnnData than
+        the model's); scvi-tools' default field gives every cell code 0, read as unknown.
+        """
         ids, _ = self._gene_tokens(adata, report=training is False and adata is not self.adata)
+        setup = self.adata_manager.registry["setup_args"]
+        if adata is self.adata:
+            batch_key = setup.get("batch_key")
         return TokenCollate(
             Tokenizer(ids, self.vocab, **self.tokenizer_kwargs),
             mask_ratio=self.module.mask_ratio if training else 0.0,
             packed=self.module.token_norm.n_domains == 1,  # DSBN normalises padded batches
-            n_batch=len(self.batch_categories),
-            n_labels=len(self.label_categories),
+            n_batch=len(self.batch_categories) if batch_key is not None else 0,
+            n_labels=len(self.label_categories) if setup.get("labels_key") is not None else 0,
         )
 
     # ------------------------------------------------------------------ training
@@ -522,14 +532,16 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         )
 
     # ------------------------------------------------------------------ inference
-    def _inference_manager(self, adata: AnnData) -> AnnDataManager:
-        """A manager of ``adata``'s counts and batch codes (transferred from the model's registry).
+    def _inference_manager(self, adata: AnnData) -> tuple[AnnDataManager, str | None]:
+        """A manager of ``adata``'s counts and batch codes, and the batch column it read.
+
+        The codes are transferred from the model's registry.
 
         Another AnnData is not registered itself: a light AnnData sharing its count matrix and
         holding its batch column is, so the user's AnnData is left untouched.
         """
         if adata is self.adata:
-            return self.adata_manager
+            return self.adata_manager, None
         setup = self.adata_manager.registry["setup_args"]
         X = _matrix(adata, setup.get("layer"))
         _validate_counts(X, "the AnnData's counts", setup.get("check_counts", True))
@@ -545,7 +557,7 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
             self.adata_manager.registry, light, {REGISTRY_KEYS.BATCH_KEY: batch_key}
         )
         manager.register_fields(light, source_registry=source, extend_categories=True)
-        return manager
+        return manager, batch_key
 
     @torch.inference_mode()
     def _embed(
@@ -563,9 +575,10 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         self._check_if_trained(warn=True)
         self.module.eval()
         adata = self.adata if adata is None else adata
+        manager, batch_key = self._inference_manager(adata)
         loader = TokenDataLoader(
-            self._inference_manager(adata),
-            self._collate(adata, training=False),
+            manager,
+            self._collate(adata, training=False, batch_key=batch_key),
             indices=indices,
             batch_size=batch_size or 128,
             token_budget=token_budget,
@@ -705,9 +718,7 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
             if unmapped:
                 raise KeyError(f"Genes not in the model's vocabulary: {unmapped}.")
             cols = pos
-        z, _ = self._embed(
-            adata, indices, batch_size, token_budget, progress_bar, "reconstructing"
-        )
+        z, _ = self._embed(adata, indices, batch_size, token_budget, progress_bar, "reconstructing")
         with torch.inference_mode():
             pred = (
                 self.module.predict_genes(
