@@ -9,6 +9,7 @@ from ._corpus import (
     corpus_dataloader,
     shard_info,
 )
+from ._loader import LengthBatchSampler, TokenCollate, TokenDataLoader, TokenDataSplitter
 from ._stream import TokenStream
 from ._tokenize import (
     GENE_ORDERS,
@@ -31,8 +32,12 @@ __all__ = [
     "CellCorpus",
     "GeneVocab",
     "H5adShardCorpus",
+    "LengthBatchSampler",
     "MappingReport",
     "SomaCorpus",
+    "TokenCollate",
+    "TokenDataLoader",
+    "TokenDataSplitter",
     "TokenStream",
     "Tokenizer",
     "check_counts",

@@ -8,9 +8,11 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 import torch
+from scvi import REGISTRY_KEYS
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ._corpus import CellCorpus, _rank_world
+from ._loader import TokenCollate
 from ._tokenize import Tokenizer, split_by_token_budget
 
 __all__ = ["TokenStream"]
@@ -138,6 +140,7 @@ class TokenStream:
         if token_budget is not None and tokenizer.max_len is None:
             raise ValueError("token_budget needs a tokenizer with a max_len.")
         self.corpus, self.tokenizer = corpus, tokenizer
+        self._collate = TokenCollate(tokenizer, packed=packed)
         self.batch_size, self.num_workers, self.packed = batch_size, num_workers, packed
         self.token_budget = token_budget
         self._stored: dict[int, np.ndarray | None] = {}
@@ -292,8 +295,4 @@ class TokenStream:
     ) -> dict[str, Any]:
         """Tokenize batch ``k`` of ``shard`` (rank, worker) with its own seeded generator."""
         state = np.random.SeedSequence([self.seed, epoch, *shard, k]).generate_state(1)
-        generator = torch.Generator().manual_seed(int(state[0]))
-        fn = self.tokenizer.pack if self.packed else self.tokenizer
-        out = fn(X, generator=generator)
-        out["obs_index"] = torch.from_numpy(np.ascontiguousarray(index))
-        return out
+        return self._collate((int(state[0]), index, {REGISTRY_KEYS.X_KEY: X}))

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,18 +15,24 @@ import pandas as pd
 import torch
 from anndata import AnnData
 from scipy import sparse
-from scvi import REGISTRY_KEYS
+from scvi import REGISTRY_KEYS, settings
 from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LabelsWithUnlabeledObsField, LayerField
-from scvi.model._utils import parse_device_args
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
-from scvi.model.base._save_load import _load_saved_files
-from tqdm.auto import tqdm
+from scvi.utils import track
 
-from scmamba2_scvi.data import GeneVocab, Tokenizer, check_counts
+from scmamba2_scvi.data import (
+    GeneVocab,
+    TokenCollate,
+    TokenDataLoader,
+    TokenDataSplitter,
+    Tokenizer,
+    check_counts,
+)
 from scmamba2_scvi.module import SCMamba2Module
 
 from ._trainingplan import SCMamba2TrainingPlan
+from ._utils import check_keywords
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +96,88 @@ def _validate_counts(X, where: str, check: bool, chunk: int = 20000) -> None:
         )
 
 
+def _fields(
+    layer: str | None,
+    batch_key: str | None,
+    labels_key: str | None,
+    unlabeled_category: str | None,
+    check_counts: bool,
+) -> list:
+    """scvi-tools fields of an :class:`SCMamba2` AnnData: counts, batch and label codes."""
+    return [
+        LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=check_counts),
+        CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
+        LabelsWithUnlabeledObsField(REGISTRY_KEYS.LABELS_KEY, labels_key, unlabeled_category)
+        if labels_key is not None
+        else CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, None),
+    ]
+
+
+_SETUP_KEYS = {REGISTRY_KEYS.BATCH_KEY: "batch_key", REGISTRY_KEYS.LABELS_KEY: "labels_key"}
+
+
+def _source_registry(registry: dict, adata: AnnData, columns: dict[str, str | None]) -> dict | None:
+    """A registry to transfer onto ``adata`` (scvi-tools' ``source_registry``).
+
+    The reference's categories keep their codes, which are the heads' indices; categories of
+    ``adata``'s ``columns`` (registry key -> ``obs`` column) that it does not know come after
+    them (the loader reads them as unknown, -1). ``adata``'s genes may differ from the
+    reference's (they are mapped through the vocabulary), so its gene count is not compared.
+    ``None`` for a registry without fields (a pretrained network's).
+    """
+    if "field_registries" not in registry:
+        return None
+    source = copy.deepcopy(registry)
+    fields = source["field_registries"]
+    x_state = fields[REGISTRY_KEYS.X_KEY]["state_registry"]
+    x_state["n_vars"], x_state["column_names"] = adata.n_vars, np.asarray(adata.var_names)
+    for key, column in columns.items():
+        state = fields[key]["state_registry"]
+        if column is None:  # scvi-tools' default field (one code, 0): read as unknown
+            state["categorical_mapping"] = np.zeros(1, dtype=np.int64)
+            continue
+        known = []
+        if registry["setup_args"].get(_SETUP_KEYS[key]) is not None:
+            known = list(state["categorical_mapping"])
+        present = np.unique(adata.obs[column].astype(str)).tolist()
+        new = [c for c in present if c not in set(map(str, known))]
+        state["categorical_mapping"] = np.asarray(known + new, dtype=object)
+    return source
+
+
+def _read_saved(path: str | Path) -> tuple[dict, dict, dict[str, torch.Tensor]]:
+    """Registry, init parameters and weights of a model saved by :meth:`SCMamba2.save`."""
+    file = Path(path) / "model.pt"
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"{file} does not exist: pass the folder an SCMamba2 was saved to (model.save)."
+        )
+    saved = torch.load(file, map_location="cpu", weights_only=False)
+    attr_dict, state = saved["attr_dict"], saved["model_state_dict"]
+    state.pop("pyro_param_store", None)  # scvi-tools' save adds it to every model
+    return attr_dict["registry_"], attr_dict["init_params_"], state
+
+
+def _model_defaults() -> dict[str, Any]:
+    """:class:`SCMamba2`'s keyword arguments and their defaults."""
+    return {
+        name: p.default
+        for name, p in inspect.signature(SCMamba2.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+
+
+def _torch_device(accelerator: str, device: int | str) -> torch.device:
+    """The one device of Lightning-style ``accelerator``/``device`` arguments."""
+    if accelerator == "auto":
+        accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    if accelerator == "gpu":
+        accelerator = "cuda"
+    if accelerator == "cpu" or device == "auto":
+        return torch.device(accelerator)
+    return torch.device(accelerator, int(device))
+
+
 def build_module(
     n_vocab: int, n_batch: int, n_labels: int, params: dict[str, Any]
 ) -> tuple[SCMamba2Module, dict[str, Any]]:
@@ -97,13 +186,15 @@ def build_module(
     ``params`` holds :class:`SCMamba2`'s keyword arguments (missing ones take their defaults);
     the preset's sizes apply unless a size is given. Used by :class:`SCMamba2` and by
     :func:`~scmamba2_scvi.model.pretrain`, so both build the same architecture.
+
+    Raises
+    ------
+    TypeError
+        For a key of ``params`` that is not an :class:`SCMamba2` argument.
     """
-    defaults = {
-        name: p.default
-        for name, p in inspect.signature(SCMamba2.__init__).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
-    params = {**defaults, **{k: v for k, v in params.items() if k in defaults}}
+    defaults = _model_defaults()
+    check_keywords("build_module()", params, defaults)
+    params = {**defaults, **params}
     preset = params["preset"]
     if preset not in PRESETS:
         raise ValueError(f"Unknown preset {preset!r}; choose one of {list(PRESETS)}.")
@@ -169,6 +260,7 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
 
     _module_cls = SCMamba2Module
     _training_plan_cls = SCMamba2TrainingPlan
+    _data_splitter_cls = TokenDataSplitter
 
     def __init__(
         self,
@@ -202,7 +294,9 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         vocab: GeneVocab | dict | None = None,
         label_categories: Sequence[str] | None = None,
         batch_categories: Sequence[str] | None = None,
+        **kwargs: Any,
     ):
+        check_keywords("SCMamba2()", kwargs, _model_defaults())
         if adata is None:
             raise ValueError("SCMamba2 needs an AnnData registered with SCMamba2.setup_anndata.")
         if preset not in PRESETS:
@@ -230,11 +324,15 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
             "check_counts": setup.get("check_counts", True),
         }
         self.min_gene_fraction = min_gene_fraction
+        _, self.gene_report_ = self._gene_tokens(adata, report=True)
 
+        arguments = locals()
         self.module, sizes = build_module(
-            len(vocab), len(self.batch_categories), len(self.label_categories), locals()
+            len(vocab),
+            len(self.batch_categories),
+            len(self.label_categories),
+            {k: arguments[k] for k in _model_defaults()},
         )
-        self._attach_training_data()
         n_params = sum(p.numel() for p in self.module.parameters())
         self._model_summary_string = (
             f"SCMamba2 ({preset}): d_model={sizes['d_model']}, n_layers={sizes['n_layers']}, "
@@ -309,13 +407,7 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         _validate_counts(
             X, "adata.X" if layer is None else f"adata.layers[{layer!r}]", check_counts
         )
-        fields = [
-            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=check_counts),
-            CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
-            LabelsWithUnlabeledObsField(REGISTRY_KEYS.LABELS_KEY, labels_key, unlabeled_category)
-            if labels_key is not None
-            else CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, None),
-        ]
+        fields = _fields(layer, batch_key, labels_key, unlabeled_category, check_counts)
         adata_manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
         adata_manager.register_fields(adata, **kwargs)
         cls.register_manager(adata_manager)
@@ -327,17 +419,8 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         unlabeled = state.get("unlabeled_category")
         return [str(c) for c in state.categorical_mapping if c != unlabeled]
 
-    def _code_map(
-        self, registry_key: str, setup_key: str, categories: list[str]
-    ) -> torch.Tensor | None:
-        """Registry code -> index in ``categories`` (-1 when absent) for the training AnnData."""
-        if not categories or self.adata_manager.registry["setup_args"].get(setup_key) is None:
-            return None
-        mapping = self.adata_manager.get_state_registry(registry_key).categorical_mapping
-        index = {c: i for i, c in enumerate(categories)}
-        return torch.tensor([index.get(str(c), -1) for c in mapping], dtype=torch.long)
-
-    def _tokenizer(self, adata: AnnData, *, seed: int | None = None, report: bool = False):
+    def _gene_tokens(self, adata: AnnData, *, report: bool = False) -> tuple[np.ndarray, Any]:
+        """Vocabulary token of each of ``adata``'s genes (-1: not in it) and the mapping report."""
         gene_key = self.adata_manager.registry["setup_args"].get("gene_key")
         if gene_key is not None and gene_key not in adata.var.columns:
             gene_key = None
@@ -346,16 +429,26 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         )
         if report:
             logger.info("Gene mapping onto the model's vocabulary:\n%s", rep)
-        return Tokenizer(ids, self.vocab, seed=seed, **self.tokenizer_kwargs), rep
+        return np.asarray(ids), rep
 
-    def _attach_training_data(self) -> None:
-        tokenizer, self.gene_report_ = self._tokenizer(self.adata, report=True)
-        self.module.tokenizer = tokenizer
-        self.module.label_map = self._code_map(
-            REGISTRY_KEYS.LABELS_KEY, "labels_key", self.label_categories
-        )
-        self.module.batch_map = self._code_map(
-            REGISTRY_KEYS.BATCH_KEY, "batch_key", self.batch_categories
+    def _collate(
+        self, adata: AnnData, *, training: bool, batch_key: str | None = None
+    ) -> TokenCollate:
+        """The loader's tokenizing step for ``adata``'s genes (masked for training).
+
+        Codes count only where a column was registered (``batch_key`` for another AnnData than
+        the model's); scvi-tools' default field gives every cell code 0, read as unknown.
+        """
+        ids, _ = self._gene_tokens(adata, report=training is False and adata is not self.adata)
+        setup = self.adata_manager.registry["setup_args"]
+        if adata is self.adata:
+            batch_key = setup.get("batch_key")
+        return TokenCollate(
+            Tokenizer(ids, self.vocab, **self.tokenizer_kwargs),
+            mask_ratio=self.module.mask_ratio if training else 0.0,
+            packed=self.module.token_norm.n_domains == 1,  # DSBN normalises padded batches
+            n_batch=len(self.batch_categories) if batch_key is not None else 0,
+            n_labels=len(self.label_categories) if setup.get("labels_key") is not None else 0,
         )
 
     # ------------------------------------------------------------------ training
@@ -368,6 +461,7 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         train_size: float = 0.9,
         validation_size: float | None = None,
         batch_size: int = 64,
+        token_budget: int | None = None,
         early_stopping: bool = False,
         plan_kwargs: dict | None = None,
         datasplitter_kwargs: dict | None = None,
@@ -386,7 +480,12 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         train_size, validation_size
             Random split of the cells; validation losses appear in :attr:`history`.
         batch_size
-            Cells per minibatch.
+            Most cells per minibatch. Minibatches hold cells of similar length (sorted within
+            pools of 50 minibatches, a new draw every epoch).
+        token_budget
+            Most tokens per minibatch (cells x longest when padded; the sum of lengths when
+            packed, which is how a model without DSBN is trained); ``None``: only
+            ``batch_size`` bounds a minibatch.
         early_stopping
             Stop when the validation loss stops improving.
         plan_kwargs
@@ -394,7 +493,9 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
             ``weight_decay``, ``warmup_ratio``, and the loss weights ``gep_weight``,
             ``gepc_weight``, ``cls_weight``, ``dar_weight``, ``ecs_weight``.
         datasplitter_kwargs
-            Passed to scvi-tools' ``DataSplitter``.
+            Passed to scvi-tools' ``DataSplitter`` and to the
+            :class:`~scmamba2_scvi.data.TokenDataLoader` (e.g. ``num_workers``: minibatches are
+            read and tokenized in that many worker processes).
         **trainer_kwargs
             Passed to the Lightning trainer. Defaults: ``gradient_clip_val=1.0``, and
             ``precision="bf16-mixed"`` on CUDA, validation every epoch.
@@ -408,7 +509,12 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
             trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
         if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
             trainer_kwargs.setdefault("precision", "bf16-mixed")
-        self._attach_training_data()
+        trainer_kwargs.setdefault("use_distributed_sampler", False)  # the loader shards by rank
+        datasplitter_kwargs = {
+            "collate": self._collate(self.adata, training=True),
+            "token_budget": token_budget,
+            **(datasplitter_kwargs or {}),
+        }
         if self.history_ is None:  # weights given by load_query_data: the history starts here
             self.is_trained_ = False
         return super().train(
@@ -418,6 +524,7 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
             train_size=train_size,
             validation_size=validation_size,
             batch_size=batch_size,
+            load_sparse_tensor=True,
             early_stopping=early_stopping,
             plan_kwargs=plan_kwargs,
             datasplitter_kwargs=datasplitter_kwargs,
@@ -425,70 +532,73 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         )
 
     # ------------------------------------------------------------------ inference
-    def _batches(
+    def _inference_manager(self, adata: AnnData) -> tuple[AnnDataManager, str | None]:
+        """A manager of ``adata``'s counts and batch codes, and the batch column it read.
+
+        The codes are transferred from the model's registry.
+
+        Another AnnData is not registered itself: a light AnnData sharing its count matrix and
+        holding its batch column is, so the user's AnnData is left untouched.
+        """
+        if adata is self.adata:
+            return self.adata_manager, None
+        setup = self.adata_manager.registry["setup_args"]
+        X = _matrix(adata, setup.get("layer"))
+        _validate_counts(X, "the AnnData's counts", setup.get("check_counts", True))
+        batch_key = setup.get("batch_key")
+        if batch_key not in adata.obs.columns:
+            batch_key = None
+        obs = pd.DataFrame(index=pd.RangeIndex(adata.n_obs).astype(str))
+        if batch_key is not None:
+            obs[batch_key] = adata.obs[batch_key].to_numpy()
+        light = AnnData(X=X, obs=obs)
+        manager = AnnDataManager(fields=_fields(None, batch_key, None, None, False)[:2])
+        source = _source_registry(
+            self.adata_manager.registry, light, {REGISTRY_KEYS.BATCH_KEY: batch_key}
+        )
+        manager.register_fields(light, source_registry=source, extend_categories=True)
+        return manager, batch_key
+
+    @torch.inference_mode()
+    def _embed(
         self,
         adata: AnnData | None,
         indices: Sequence[int] | None,
         batch_size: int | None,
+        token_budget: int | None,
+        progress_bar: bool | None,
         desc: str,
-        tokenizer: Tokenizer | None = None,
-    ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor, np.ndarray]]:
-        """Tokenized minibatches of any AnnData whose genes map onto the vocabulary.
-
-        Yields the tokens, the batch codes, and the positions of the batch's cells in
-        ``indices`` (cells are visited by sequence length).
-        """
-        adata = self.adata if adata is None else adata
-        setup = self.adata_manager.registry["setup_args"]
-        X = _matrix(adata, setup.get("layer"))
-        if adata is not self.adata:
-            _validate_counts(X, "the AnnData's counts", setup.get("check_counts", True))
-        if tokenizer is None:
-            tokenizer, _ = self._tokenizer(adata, seed=0, report=adata is not self.adata)
-        batch_key = setup.get("batch_key")
-        codes = np.full(adata.n_obs, -1, dtype=np.int64)
-        if batch_key is not None and batch_key in adata.obs and self.batch_categories:
-            index = {c: i for i, c in enumerate(self.batch_categories)}
-            codes = np.array([index.get(str(c), -1) for c in adata.obs[batch_key]], dtype=np.int64)
-        idx = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
-        bs = batch_size or 128
-        device = self.device
-        # cells of similar length together: less padding, same per-cell results
-        order = np.argsort(tokenizer.lengths(X[idx]), kind="stable")
-        for start in tqdm(range(0, len(idx), bs), desc=desc, disable=len(idx) <= bs, leave=False):
-            pos = order[start : start + bs]
-            rows = idx[pos]
-            xb = X[rows]
-            if not sparse.issparse(xb):
-                xb = np.asarray(xb)
-            yield (
-                tokenizer(xb, mask_ratio=0.0, device=device),
-                torch.as_tensor(codes[rows], device=device),
-                pos,
-            )
-
-    @torch.inference_mode()
-    def _embed(
-        self, adata, indices, batch_size, desc, tokenizer=None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Cell embeddings (and classifier logits) of ``adata``'s cells, in ``indices`` order."""
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}.")
         self._check_if_trained(warn=True)
         self.module.eval()
+        adata = self.adata if adata is None else adata
+        manager, batch_key = self._inference_manager(adata)
+        loader = TokenDataLoader(
+            manager,
+            self._collate(adata, training=False, batch_key=batch_key),
+            indices=indices,
+            batch_size=batch_size or 128,
+            token_budget=token_budget,
+        )
+        if progress_bar is None:
+            progress_bar = len(loader) > 1 and settings.verbosity <= logging.INFO
         zs, logits, positions = [], [], []
         use_bf16 = self.device.type == "cuda"
-        for tokens, batch, pos in self._batches(adata, indices, batch_size, desc, tokenizer):
-            positions.append(pos)
+        bar = track(
+            loader, description=desc, disable=not progress_bar, style=settings.progress_bar_style
+        )
+        for batch in bar:
+            positions.append(batch.pop("obs_index"))
+            batch = {k: v.to(self.device) for k, v in batch.items()}
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-                out = self.module.inference(
-                    tokens["genes"],
-                    self.module.scale_values(tokens["input_values"]),
-                    tokens["key_padding_mask"],
-                    batch,
-                )
-                z = out["z"].float()
+                z = self.module.inference(**self.module._get_inference_input(batch))["z"].float()
                 zs.append(z.cpu())
                 if self.module.classifier is not None:
                     logits.append(self.module.classifier(z).float().cpu())
-        back = torch.as_tensor(np.argsort(np.concatenate(positions)))  # to the input order
+        back = torch.argsort(torch.cat(positions))  # to the order of `indices`
         return torch.cat(zs)[back], (torch.cat(logits)[back] if logits else None)
 
     def get_latent_representation(
@@ -496,6 +606,8 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         adata: AnnData | None = None,
         indices: Sequence[int] | None = None,
         batch_size: int | None = None,
+        token_budget: int | None = None,
+        progress_bar: bool | None = None,
     ) -> np.ndarray:
         """Cell embeddings, deterministic in eval mode.
 
@@ -510,13 +622,21 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         indices
             Cells to embed; default all.
         batch_size
-            Cells per minibatch.
+            Most cells per minibatch (cells of similar length are embedded together; the
+            results do not depend on the minibatches).
+        token_budget
+            Most tokens per minibatch; ``None``: only ``batch_size`` bounds a minibatch.
+        progress_bar
+            Show a progress bar; default: when there is more than one minibatch and
+            ``scvi.settings.verbosity`` is at most ``logging.INFO`` (its style is
+            ``scvi.settings.progress_bar_style``).
 
         Returns
         -------
         ``(n_cells, d_model)`` array.
         """
-        return self._embed(adata, indices, batch_size, "embedding")[0].numpy()
+        z, _ = self._embed(adata, indices, batch_size, token_budget, progress_bar, "embedding")
+        return z.numpy()
 
     def predict(
         self,
@@ -524,12 +644,14 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         indices: Sequence[int] | None = None,
         soft: bool = False,
         batch_size: int | None = None,
+        token_budget: int | None = None,
+        progress_bar: bool | None = None,
     ) -> np.ndarray | pd.DataFrame:
         """Cell-type predictions of the classifier head.
 
         Parameters
         ----------
-        adata, indices, batch_size
+        adata, indices, batch_size, token_budget, progress_bar
             As in :meth:`get_latent_representation`.
         soft
             Return class probabilities instead of labels.
@@ -545,7 +667,9 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
                 "SCMamba2.setup_anndata(..., labels_key=...) before creating the model."
             )
         adata_ = self.adata if adata is None else adata
-        _, logits = self._embed(adata, indices, batch_size, "predicting")
+        _, logits = self._embed(
+            adata, indices, batch_size, token_budget, progress_bar, "predicting"
+        )
         probs = torch.softmax(logits, -1).numpy()
         if soft:
             names = adata_.obs_names if indices is None else adata_.obs_names[np.asarray(indices)]
@@ -559,6 +683,8 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         genes: Sequence[str] | None = None,
         batch_size: int | None = None,
         return_numpy: bool = False,
+        token_budget: int | None = None,
+        progress_bar: bool | None = None,
     ) -> pd.DataFrame | np.ndarray:
         """Expression of each gene predicted from the cell embedding (the GEPC head).
 
@@ -567,7 +693,7 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
 
         Parameters
         ----------
-        adata, indices, batch_size
+        adata, indices, batch_size, token_budget, progress_bar
             As in :meth:`get_latent_representation`.
         genes
             ``var_names`` of ``adata`` to predict; default all genes in the vocabulary.
@@ -579,8 +705,7 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         Cells x genes predictions.
         """
         adata_ = self.adata if adata is None else adata
-        tokenizer, _ = self._tokenizer(adata_, seed=0, report=adata_ is not self.adata)
-        ids = tokenizer.gene_ids.numpy()
+        ids, _ = self._gene_tokens(adata_)
         names = adata_.var_names
         if genes is None:
             cols = np.flatnonzero(ids >= 0)
@@ -593,7 +718,7 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
             if unmapped:
                 raise KeyError(f"Genes not in the model's vocabulary: {unmapped}.")
             cols = pos
-        z, _ = self._embed(adata, indices, batch_size, "reconstructing", tokenizer)
+        z, _ = self._embed(adata, indices, batch_size, token_budget, progress_bar, "reconstructing")
         with torch.inference_mode():
             pred = (
                 self.module.predict_genes(
@@ -656,10 +781,7 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
             init = reference.init_params_
             state = {k: v.detach().cpu() for k, v in reference.module.state_dict().items()}
         else:
-            attr_dict, _, state, _ = _load_saved_files(str(reference), False, map_location="cpu")
-            state.pop("pyro_param_store", None)
-            registry = attr_dict["registry_"]
-            init = attr_dict["init_params_"]
+            registry, init, state = _read_saved(reference)
         if registry.get("model_name", cls.__name__) != cls.__name__:
             raise ValueError(f"{reference} is not a saved {cls.__name__} model.")
         setup = dict(registry["setup_args"])
@@ -676,7 +798,6 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
                     stacklevel=2,
                 )
                 setup[key] = None
-        cls.setup_anndata(adata, **setup)
         kwargs = {
             **init["non_kwargs"],
             **{k: v for d in init["kwargs"].values() for k, v in d.items()},
@@ -693,6 +814,12 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
             if setup.get(key) is not None and not kwargs.get(categories):
                 kwargs.pop(categories, None)
                 new_heads.append(key)
+        # Codes of the reference's categories are its heads' indices; new categories read as
+        # unknown. A new head takes the query's categories.
+        columns = {key: setup.get(setup_key) for key, setup_key in _SETUP_KEYS.items()}
+        source = _source_registry(registry, adata, columns)
+        transfer = {} if source is None else {"source_registry": source, "extend_categories": True}
+        cls.setup_anndata(adata, **setup, **transfer)
         model = cls(adata, **kwargs)
         missing, unexpected = model.module.load_state_dict(state, strict=not new_heads)
         fresh = ("classifier.", "discriminator.", "token_norm.")
@@ -706,10 +833,7 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
                 "New heads for the query's %s (the reference has none); fine-tune with train().",
                 " and ".join(new_heads),
             )
-        _, _, torch_device = parse_device_args(
-            accelerator, device, return_device="torch", validate_single_device=True
-        )
-        model.to_device(torch_device)
+        model.to_device(_torch_device(accelerator, device))
         model.is_trained_ = True
         logger.info("Query genes on the reference vocabulary:\n%s", model.gene_report_)
         return model

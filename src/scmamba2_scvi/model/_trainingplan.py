@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
 from scvi.module.base import BaseModuleClass
 from scvi.train import TrainingPlan
+
+from ._utils import check_keywords
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
@@ -70,7 +73,8 @@ class SCMamba2TrainingPlan(TrainingPlan):
     Weight decay skips biases, norms, embeddings and the SSM parameters (``A_log``, ``dt_bias``,
     ``D``), as mamba-ssm does. Keyword arguments not listed here are loss weights passed to
     :meth:`~scmamba2_scvi.module.SCMamba2Module.loss` (``gep_weight``, ``gepc_weight``,
-    ``cls_weight``, ``dar_weight``, ``ecs_weight``, ``ecs_threshold``).
+    ``cls_weight``, ``dar_weight``, ``ecs_weight``, ``ecs_threshold``); any other name raises a
+    ``TypeError``.
 
     Parameters
     ----------
@@ -104,6 +108,13 @@ class SCMamba2TrainingPlan(TrainingPlan):
         betas: tuple[float, float] = (0.9, 0.98),
         **loss_kwargs,
     ):
+        loss_names = [
+            name
+            for name, p in inspect.signature(module.loss).parameters.items()
+            if p.default is not inspect.Parameter.empty
+        ]
+        own = [p for p in inspect.signature(type(self).__init__).parameters][2:-1]
+        check_keywords("SCMamba2TrainingPlan (plan_kwargs)", loss_kwargs, own + loss_names)
         super().__init__(module, optimizer="AdamW", lr=lr, weight_decay=weight_decay, **loss_kwargs)
         self.warmup_ratio, self.warmup_steps = warmup_ratio, warmup_steps
         self.min_lr_ratio, self.betas = min_lr_ratio, betas

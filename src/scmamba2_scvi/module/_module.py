@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -56,9 +55,9 @@ class SCMamba2Module(BaseModuleClass):
     Heads: masked expression (GEP), gene-query expression from the cell embedding (GEPC),
     cell-type classifier, adversarial batch discriminator (DAR).
 
-    The AnnData-to-token step is a callable :attr:`tokenizer` set by the model (it depends on the
-    AnnData's genes, not on the weights), so the module's parameters do not depend on the genes of
-    any particular dataset.
+    Its input is a token dictionary (:class:`~scmamba2_scvi.data.TokenCollate` in the loader or
+    :class:`~scmamba2_scvi.data.Tokenizer`), with batch and label codes that already are the heads'
+    indices (-1: unknown). The module knows nothing of genes' names or of any AnnData.
 
     Parameters
     ----------
@@ -87,11 +86,12 @@ class SCMamba2Module(BaseModuleClass):
     dsbn
         Domain-specific batch norm (one per batch).
     cell_embedding
-        ``"mean"``: mean of the encoder's outputs over real tokens (default: it trains much faster
-        on small data, e.g. 100% vs 72% accuracy after the same 75 steps on a synthetic
-        marker-gene task); ``"cls"``: output at ``<cls>``, as in the paper.
+        ``"mean"``: mean of the encoder's outputs over real tokens (the default: every token's
+        output receives the cell-level gradient, which trains faster on small data);
+        ``"cls"``: output at ``<cls>``, as in the paper.
     mask_ratio
-        Fraction of values masked for the GEP objective in training and validation.
+        Fraction of values masked for the GEP objective in training and validation (the
+        model's loader masks them; the module only records the ratio).
     value_scale
         Values are divided by this inside the module (inputs and targets; mask and padding
         markers excepted) so that losses are of order one, e.g. ``n_bins - 1`` for binned values;
@@ -157,39 +157,25 @@ class SCMamba2Module(BaseModuleClass):
         self.discriminator = (
             MLPClassifier(d_model, n_batch, dropout, reverse_gradient=True) if n_batch > 1 else None
         )
-        self.tokenizer: Callable[..., dict[str, torch.Tensor]] | None = None
-        # registry code -> label / batch index of the heads (-1: unknown); set by the model
-        self.label_map: torch.Tensor | None = None
-        self.batch_map: torch.Tensor | None = None
-
-    @staticmethod
-    def _remap(codes: torch.Tensor | None, table: torch.Tensor | None) -> torch.Tensor | None:
-        if codes is None or table is None:
-            return None
-        return table.to(codes.device)[codes.view(-1).long()]
 
     # ------------------------------------------------------------------ scvi-tools interface
-    def forward(self, tensors, *args, compute_loss: bool = True, **kwargs):
-        """scvi-tools forward; values are masked (GEP) only when a loss is computed."""
-        kwargs["get_inference_input_kwargs"] = {
-            "mask": compute_loss,
-            **(kwargs.get("get_inference_input_kwargs") or {}),
-        }
-        return super().forward(tensors, *args, compute_loss=compute_loss, **kwargs)
+    def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict:
+        """Inputs of :meth:`inference` from a token dictionary (padded or packed).
 
-    def _get_inference_input(self, tensors: dict[str, torch.Tensor], mask: bool = False) -> dict:
-        if self.tokenizer is None:
-            raise RuntimeError(
-                "SCMamba2Module.tokenizer is not set: the model sets it from the AnnData's genes."
-            )
-        tokens = self.tokenizer(tensors[REGISTRY_KEYS.X_KEY], mask_ratio=self.mask_ratio * mask)
+        ``tensors`` holds the tokenizer's keys (``genes``, ``values``, ``input_values``,
+        ``mask``, ``key_padding_mask``, and ``seq_idx``/``cu_seqlens`` when packed) and
+        optionally ``batch`` codes ``(b,)``.
+        """
+        batch = tensors.get(REGISTRY_KEYS.BATCH_KEY)
         return {
-            "genes": tokens["genes"],
-            "values": self.scale_values(tokens["input_values"]),
-            "key_padding_mask": tokens["key_padding_mask"],
-            "batch_index": self._remap(tensors.get(REGISTRY_KEYS.BATCH_KEY), self.batch_map),
-            "targets": self.scale_values(tokens["values"]),
-            "masked": tokens["mask"],
+            "genes": tensors["genes"],
+            "values": self.scale_values(tensors["input_values"]),
+            "key_padding_mask": tensors.get("key_padding_mask"),
+            "batch_index": None if batch is None else batch.reshape(-1).long(),
+            "targets": self.scale_values(tensors["values"]),
+            "masked": tensors.get("mask"),
+            "seq_idx": tensors.get("seq_idx"),
+            "cu_seqlens": tensors.get("cu_seqlens"),
         }
 
     def scale_values(self, values: torch.Tensor) -> torch.Tensor:
@@ -265,6 +251,7 @@ class SCMamba2Module(BaseModuleClass):
             "tokens": tokens,
             "gene_emb": gene_emb,
             "key_padding_mask": key_padding_mask,
+            "batch_index": batch_index,
             "targets": targets,
             "masked": masked,
             "seq_idx": seq_idx,
@@ -362,7 +349,8 @@ class SCMamba2Module(BaseModuleClass):
             generative_outputs["gep"][sel].detach().float(), targets[sel].float()
         )
 
-        labels = self._remap(tensors.get(REGISTRY_KEYS.LABELS_KEY), self.label_map)
+        labels = tensors.get(REGISTRY_KEYS.LABELS_KEY)
+        labels = None if labels is None else labels.reshape(-1).long()
         if "label_logits" in generative_outputs and labels is not None:
             known = labels >= 0
             logits = generative_outputs["label_logits"]
@@ -371,7 +359,7 @@ class SCMamba2Module(BaseModuleClass):
                 total = total + cls_weight * ce
                 extra["cls"] = ce.detach()
                 extra["accuracy"] = (logits[known].argmax(-1) == labels[known]).float().mean()
-        batch = self._remap(tensors.get(REGISTRY_KEYS.BATCH_KEY), self.batch_map)
+        batch = inference_outputs["batch_index"]
         if "batch_logits" in generative_outputs and dar_weight > 0 and batch is not None:
             known = batch >= 0
             if bool(known.any()):
@@ -430,16 +418,18 @@ class SCMamba2Module(BaseModuleClass):
         batch_index: torch.Tensor | None = None,
         **loss_kwargs: float,
     ) -> LossOutput:
-        """Masked-expression losses of an already tokenized batch (corpus pretraining).
+        """Losses of a token dictionary: the module's contract (training and pretraining).
 
         Parameters
         ----------
         tokens
-            Output of :class:`~scmamba2_scvi.data.Tokenizer` (padded) or of its
+            Output of :class:`~scmamba2_scvi.data.TokenCollate` or
+            :class:`~scmamba2_scvi.data.Tokenizer` (padded) or of its
             :meth:`~scmamba2_scvi.data.Tokenizer.pack` (packed: ``seq_idx`` and ``cu_seqlens``),
-            masked by the tokenizer.
+            masked by the tokenizer; may hold ``labels`` codes for the classifier.
         batch_index
-            ``(batch,)`` batch of each cell, or ``None``.
+            ``(batch,)`` batch of each cell (-1: unknown), or ``None``; default: ``tokens``'
+            ``batch`` codes.
         **loss_kwargs
             Loss weights, see :meth:`loss`.
 
@@ -447,15 +437,6 @@ class SCMamba2Module(BaseModuleClass):
         -------
         :class:`~scvi.module.base.LossOutput`, as :meth:`loss`.
         """
-        inference = self.inference(
-            tokens["genes"],
-            self.scale_values(tokens["input_values"]),
-            tokens.get("key_padding_mask"),
-            batch_index,
-            targets=self.scale_values(tokens["values"]),
-            masked=tokens["mask"],
-            seq_idx=tokens.get("seq_idx"),
-            cu_seqlens=tokens.get("cu_seqlens"),
-        )
-        generative = self.generative(**self._get_generative_input({}, inference))
-        return self.loss({}, inference, generative, **loss_kwargs)
+        if batch_index is not None:
+            tokens = {**tokens, REGISTRY_KEYS.BATCH_KEY: batch_index}
+        return self.forward(tokens, loss_kwargs=loss_kwargs)[2]
