@@ -515,9 +515,9 @@ def corpus_dataloader(
     A DataLoader whose items are the tokenizer's dictionaries plus ``obs_index`` ``(b,)``
     (position of each cell in the corpus). Call ``corpus.set_epoch(e)`` before each epoch.
     """
-    if len(tokenizer.gene_ids) != len(corpus.vocab):
+    if len(tokenizer.column_tokens) != len(corpus.vocab):
         raise ValueError(
-            f"The tokenizer has {len(tokenizer.gene_ids)} columns but corpus batches have one "
+            f"The tokenizer has {len(tokenizer.column_tokens)} columns but corpus batches have one "
             f"column per vocabulary token ({len(corpus.vocab)}); build it with "
             "Tokenizer.from_vocab(corpus.vocab, ...)."
         )

@@ -580,7 +580,7 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         """
         adata_ = self.adata if adata is None else adata
         tokenizer, _ = self._tokenizer(adata_, seed=0, report=adata_ is not self.adata)
-        ids = tokenizer.gene_ids.numpy()
+        ids = tokenizer.column_tokens.numpy()
         names = adata_.var_names
         if genes is None:
             cols = np.flatnonzero(ids >= 0)
