@@ -119,7 +119,9 @@ def test_matches_reference(data, mode, order, transform, max_len):
         value_transform=transform,
     )
     out = as_numpy(tok(sp.csr_matrix(X)))
-    g, v, c = reference_tokenize(X, column_tokens, vocab, mode, max_len, order, genes, transform, 51)
+    g, v, c = reference_tokenize(
+        X, column_tokens, vocab, mode, max_len, order, genes, transform, 51
+    )
     np.testing.assert_array_equal(out["genes"], g)
     np.testing.assert_array_equal(out["columns"], c)
     np.testing.assert_allclose(out["values"], v, rtol=1e-5, atol=1e-6)
@@ -373,9 +375,7 @@ def test_subsample_independent_of_column_order_and_batch(data, mode, subsample):
     X, vocab, column_tokens = data
     perm = np.random.default_rng(1).permutation(X.shape[1])
     tok = Tokenizer(column_tokens, vocab, mode=mode, max_len=12, subsample=subsample, seed=3)
-    ptok = Tokenizer(
-        column_tokens[perm], vocab, mode=mode, max_len=12, subsample=subsample, seed=3
-    )
+    ptok = Tokenizer(column_tokens[perm], vocab, mode=mode, max_len=12, subsample=subsample, seed=3)
     a = as_numpy(tok(sp.csr_matrix(X)))
     b = as_numpy(ptok(sp.csr_matrix(X[:, perm])))
     np.testing.assert_array_equal(a["genes"], b["genes"])
