@@ -410,7 +410,7 @@ def cli_cases(c):
 CLI_IDS = [case[0] for case in cli_cases(SimpleNamespace(root=Path("."), saved="."))]
 # the console script in its own process; the whole table runs in-process (each process imports
 # torch and scvi-tools: seconds per case on a small machine)
-IN_SUBPROCESS = ["missing-model", "wrong-labels-key", "preset-huge"]
+IN_SUBPROCESS = ["missing-model"]
 
 
 @pytest.fixture(scope="module")
@@ -457,7 +457,6 @@ def cli_runs(cli_files):
     missing = ["embed", "x.h5ad", "--model", str(ctx.root / "nomodel"), "--output", "o.h5ad"]
     runs = {name: (argv, _env()) for name, argv, *_ in cli_cases(ctx) if name in IN_SUBPROCESS}
     runs["--verbose"] = (["--verbose", *missing], _env())
-    runs["SCMAMBA2_DEBUG"] = (missing, _env(SCMAMBA2_DEBUG="1"))
     procs = {
         name: subprocess.Popen(
             [*command, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -475,8 +474,22 @@ def test_bad_input_console_script(cli_files, cli_runs, name):
     _one_line_error(stderr, words)
 
 
-@pytest.mark.parametrize("name", ["--verbose", "SCMAMBA2_DEBUG"])
-def test_cli_debug_shows_the_traceback(cli_runs, name):
-    stderr, returncode = cli_runs[name]
+def test_cli_verbose_shows_the_traceback(cli_runs):
+    stderr, returncode = cli_runs["--verbose"]
     assert returncode == 1
     assert "Traceback" in stderr and "FileNotFoundError" in stderr and "nomodel" in stderr
+
+
+@pytest.mark.parametrize("debug", ["--verbose", "SCMAMBA2_DEBUG", "embed --verbose"])
+def test_cli_debug_switches_raise_the_error(cli_files, monkeypatch, debug):
+    from scmamba2_scvi import cli
+
+    argv = ["embed", "x.h5ad", "--model", str(cli_files.root / "nomodel"), "--output", "o.h5ad"]
+    if debug == "SCMAMBA2_DEBUG":
+        monkeypatch.setenv("SCMAMBA2_DEBUG", "1")
+    elif debug == "--verbose":
+        argv = ["--verbose", *argv]
+    else:
+        argv = [*argv, "--verbose"]
+    with pytest.raises(FileNotFoundError, match="nomodel"):
+        cli.main(argv)

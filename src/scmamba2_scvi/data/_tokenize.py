@@ -93,6 +93,11 @@ def _merge_duplicate_columns(csr: _CSR, canonical: torch.Tensor) -> _CSR:
     return _CSR(crow, uniq % csr.n_cols, val, csr.n_rows, csr.n_cols, True)
 
 
+def _is_canonical_csr(X: sp.spmatrix) -> bool:
+    """CSR without repeated column indices in a row (their entries would be counted twice)."""
+    return X.format == "csr" and X.has_canonical_format
+
+
 def _first_columns(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Deduplicated column tokens and each column's first column of the same gene.
 
@@ -385,9 +390,8 @@ class Tokenizer:
         """
         if self._columns is not None:
             n = np.full(X.shape[0], len(self._columns) + 1, dtype=np.int64)
-        elif (
-            sp.issparse(X) and X.format == "csr" and self._canonical is None
-        ):  # straight from CSR, no copy
+        elif self._canonical is None and sp.issparse(X) and _is_canonical_csr(X):
+            # straight from the CSR arrays, no copy
             keep = X.data != 0
             if not self._all_mapped:
                 keep &= self._col_tokens.numpy()[X.indices] >= 0
