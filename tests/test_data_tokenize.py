@@ -34,11 +34,11 @@ def reference_values(x, mapped, transform, n_bins):
 
 
 def reference_tokenize(
-    X, gene_ids, vocab, mode, max_len, order, columns, transform, n_bins, subsample="top"
+    X, column_tokens, vocab, mode, max_len, order, columns, transform, n_bins, subsample="top"
 ):
     """Slow tokenizer: per cell, pick columns, order them, subsample ("top" only), pad."""
     X = np.asarray(X, dtype=np.float64)
-    mapped = gene_ids >= 0
+    mapped = column_tokens >= 0
     rank = np.arange(len(vocab))  # vocab order: token id
     if order == "genomic":
         rank[vocab.genomic_order()] = np.arange(vocab.n_genes)
@@ -52,9 +52,11 @@ def reference_tokenize(
             cols = sorted(columns)
         if max_len is not None and len(cols) > max_len - 1:
             assert subsample == "top"
-            cols = sorted(sorted(cols, key=lambda j: -x[j])[: max_len - 1])
+            # ties by token id, so that the column order does not matter
+            top = sorted(cols, key=lambda j: (-x[j], column_tokens[j]))
+            cols = sorted(top[: max_len - 1])
         if order in ("vocab", "genomic"):
-            cols.sort(key=lambda j: rank[gene_ids[j]])
+            cols.sort(key=lambda j: rank[column_tokens[j]])
         elif order == "expression":
             cols.sort(key=lambda j: -x[j])  # stable: ties keep column order
         seqs.append(cols)
@@ -64,7 +66,7 @@ def reference_tokenize(
     out_cols = np.full((len(X), length), -1)
     for i, cols in enumerate(seqs):
         genes[i, 0], values[i, 0] = vocab.cls_id, 0
-        genes[i, 1 : len(cols) + 1] = gene_ids[cols]
+        genes[i, 1 : len(cols) + 1] = column_tokens[cols]
         values[i, 1 : len(cols) + 1] = reference_values(X[i], mapped, transform, n_bins)[cols]
         out_cols[i, 1 : len(cols) + 1] = cols
     return genes, values, out_cols
@@ -88,9 +90,9 @@ def data():
             }
         )
     )
-    gene_ids = vocab.map(genes)
-    gene_ids[[7, 50]] = -1  # dropped columns
-    return X, vocab, gene_ids
+    column_tokens = vocab.map(genes)
+    column_tokens[[7, 50]] = -1  # dropped columns
+    return X, vocab, column_tokens
 
 
 def as_numpy(batch):
@@ -102,12 +104,12 @@ def as_numpy(batch):
 @pytest.mark.parametrize("transform", ["bin", "log1p", "raw"])
 @pytest.mark.parametrize("max_len", [None, 30])
 def test_matches_reference(data, mode, order, transform, max_len):
-    X, vocab, gene_ids = data
+    X, vocab, column_tokens = data
     genes = [0, 9, 11, 40, 41, 42, 99, 100, 101, 119] if mode == "genes" else None
     if mode == "genes" and max_len is not None:
         max_len = 6
     tok = Tokenizer(
-        gene_ids,
+        column_tokens,
         vocab,
         mode=mode,
         max_len=max_len,
@@ -117,7 +119,9 @@ def test_matches_reference(data, mode, order, transform, max_len):
         value_transform=transform,
     )
     out = as_numpy(tok(sp.csr_matrix(X)))
-    g, v, c = reference_tokenize(X, gene_ids, vocab, mode, max_len, order, genes, transform, 51)
+    g, v, c = reference_tokenize(
+        X, column_tokens, vocab, mode, max_len, order, genes, transform, 51
+    )
     np.testing.assert_array_equal(out["genes"], g)
     np.testing.assert_array_equal(out["columns"], c)
     np.testing.assert_allclose(out["values"], v, rtol=1e-5, atol=1e-6)
@@ -129,8 +133,8 @@ def test_matches_reference(data, mode, order, transform, max_len):
 
 @pytest.mark.parametrize("kind", ["numpy", "torch", "torch_csr", "scipy_csc"])
 def test_input_kinds_agree(data, kind):
-    X, vocab, gene_ids = data
-    tok = Tokenizer(gene_ids, vocab, max_len=None)
+    X, vocab, column_tokens = data
+    tok = Tokenizer(column_tokens, vocab, max_len=None)
     expected = as_numpy(tok(sp.csr_matrix(X)))
     Xin = {
         "numpy": X,
@@ -145,8 +149,8 @@ def test_input_kinds_agree(data, kind):
 
 def test_unsorted_torch_csr(data):
     """A torch CSR with unsorted column indices inside rows is ordered correctly."""
-    X, vocab, gene_ids = data
-    tok = Tokenizer(gene_ids, vocab, max_len=None)
+    X, vocab, column_tokens = data
+    tok = Tokenizer(column_tokens, vocab, max_len=None)
     csr = sp.csr_matrix(X)
     crow, col, val = csr.indptr, csr.indices.copy(), csr.data.copy()
     for i in range(len(crow) - 1):  # reverse each row's entries
@@ -165,12 +169,12 @@ def test_unsorted_torch_csr(data):
 
 @pytest.mark.parametrize("mode", ["expressed", "full"])
 def test_random_subsample_and_order(data, mode):
-    X, vocab, gene_ids = data
+    X, vocab, column_tokens = data
     max_len = 12
-    ref_tok = Tokenizer(gene_ids, vocab, mode=mode, max_len=None, value_transform="raw")
+    ref_tok = Tokenizer(column_tokens, vocab, mode=mode, max_len=None, value_transform="raw")
     full = as_numpy(ref_tok(X))
     tok = Tokenizer(
-        gene_ids,
+        column_tokens,
         vocab,
         mode=mode,
         max_len=max_len,
@@ -182,7 +186,7 @@ def test_random_subsample_and_order(data, mode):
     a, b = as_numpy(tok(X)), as_numpy(tok(X))
     assert not np.array_equal(a["genes"], b["genes"])  # the generator advances
     again = Tokenizer(
-        gene_ids,
+        column_tokens,
         vocab,
         mode=mode,
         max_len=max_len,
@@ -203,12 +207,12 @@ def test_random_subsample_and_order(data, mode):
         ref_cols = full["columns"][i, ref_real][1:]
         assert set(cols) <= set(ref_cols)
         np.testing.assert_array_equal(a["values"][i, real][1:], X[i, cols])
-        np.testing.assert_array_equal(a["genes"][i, real][1:], gene_ids[cols])
+        np.testing.assert_array_equal(a["genes"][i, real][1:], column_tokens[cols])
 
 
 def test_random_subsample_keeps_vocab_order(data):
-    X, vocab, gene_ids = data
-    tok = Tokenizer(gene_ids, vocab, max_len=10, subsample="random", seed=1)
+    X, vocab, column_tokens = data
+    tok = Tokenizer(column_tokens, vocab, max_len=10, subsample="random", seed=1)
     out = as_numpy(tok(X))
     for i in range(len(X)):
         g = out["genes"][i, ~out["key_padding_mask"][i]][1:]
@@ -216,9 +220,9 @@ def test_random_subsample_keeps_vocab_order(data):
 
 
 def test_masking(data):
-    X, vocab, gene_ids = data
+    X, vocab, column_tokens = data
     X = np.tile(X, (20, 1))
-    tok = Tokenizer(gene_ids, vocab, mode="expressed", mask_ratio=0.15, seed=0)
+    tok = Tokenizer(column_tokens, vocab, mode="expressed", mask_ratio=0.15, seed=0)
     out = as_numpy(tok(X))
     eligible = ~out["key_padding_mask"]
     eligible[:, 0] = False
@@ -236,8 +240,8 @@ def test_masking(data):
 
 @pytest.mark.parametrize("mode", ["expressed", "full"])
 def test_pack_equals_padded(data, mode):
-    X, vocab, gene_ids = data
-    tok = Tokenizer(gene_ids, vocab, mode=mode, max_len=25, mask_ratio=0.3)
+    X, vocab, column_tokens = data
+    tok = Tokenizer(column_tokens, vocab, mode=mode, max_len=25, mask_ratio=0.3)
     padded = tok(X, generator=torch.Generator().manual_seed(0))
     packed = tok.pack(X, generator=torch.Generator().manual_seed(0))
     lengths = (~padded["key_padding_mask"]).sum(1)
@@ -255,17 +259,17 @@ def test_pack_equals_padded(data, mode):
 
 
 def test_lengths_and_token_budget(data):
-    X, vocab, gene_ids = data
-    tok = Tokenizer(gene_ids, vocab, max_len=30)
+    X, vocab, column_tokens = data
+    tok = Tokenizer(column_tokens, vocab, max_len=30)
     lengths = tok.lengths(X)
     expected = (~tok(X)["key_padding_mask"]).sum(1).numpy()
     np.testing.assert_array_equal(lengths, expected)
     # the scipy CSR path, with an explicit zero and with unmapped columns
     csr = sp.csr_matrix(X)
     csr.data[0] = 0
-    some = gene_ids.copy()
+    some = column_tokens.copy()
     some[::3] = -1
-    for ids in (gene_ids, some):
+    for ids in (column_tokens, some):
         t = Tokenizer(ids, vocab, max_len=30)
         want = (~t(csr)["key_padding_mask"]).sum(1).numpy()
         np.testing.assert_array_equal(t.lengths(csr), want)
@@ -280,59 +284,57 @@ def test_lengths_and_token_budget(data):
 
 
 def test_genes_by_name_and_errors(data):
-    X, vocab, gene_ids = data
-    tok = Tokenizer(gene_ids, vocab, mode="genes", genes=["G10", "g3"], gene_order="vocab")
+    X, vocab, column_tokens = data
+    tok = Tokenizer(column_tokens, vocab, mode="genes", genes=["G10", "g3"], gene_order="vocab")
     out = tok(X)
     assert out["genes"].shape == (N_CELLS, 3)
     assert set(out["columns"][0, 1:].tolist()) == {3, 10}
     with pytest.raises(ValueError, match="not among the mapped"):
-        Tokenizer(gene_ids, vocab, mode="genes", genes=["G7"])
+        Tokenizer(column_tokens, vocab, mode="genes", genes=["G7"])
     with pytest.raises(ValueError, match="not in the vocabulary"):
-        Tokenizer(gene_ids, vocab, mode="genes", genes=["NOPE"])
+        Tokenizer(column_tokens, vocab, mode="genes", genes=["NOPE"])
     with pytest.raises(ValueError, match="columns"):
         tok(X[:, :10])
-    with pytest.raises(ValueError, match="same token"):
-        Tokenizer(np.array([3, 3, 4]), vocab)
     with pytest.raises(ValueError, match="gene_order"):
-        Tokenizer(gene_ids, vocab, gene_order="alphabetical")
+        Tokenizer(column_tokens, vocab, gene_order="alphabetical")
     no_pos = GeneVocab.from_anndata([f"G{j}" for j in range(5)])
     with pytest.raises(ValueError, match="genomic positions"):
         Tokenizer(no_pos.map([f"G{j}" for j in range(5)]), no_pos, gene_order="genomic")
 
 
 def test_count_check_and_normalised_data(data):
-    X, vocab, gene_ids = data
-    tok = Tokenizer(gene_ids, vocab)
+    X, vocab, column_tokens = data
+    tok = Tokenizer(column_tokens, vocab)
     with pytest.raises(ValueError, match="non-integer"):
         tok(X * 0.5)
     with pytest.raises(ValueError, match="NaN"):
         tok(np.where(X > 3, np.nan, X))
-    lenient = Tokenizer(gene_ids, vocab, check_counts=False)
+    lenient = Tokenizer(column_tokens, vocab, check_counts=False)
     scaled = X * 0.37  # same ranks -> same bins
     np.testing.assert_array_equal(lenient(scaled)["values"], tok(X)["values"])
 
 
 def test_user_matrix_not_modified(data):
-    X, vocab, gene_ids = data
+    X, vocab, column_tokens = data
     csr = sp.csr_matrix(X)
     before = csr.copy()
-    Tokenizer(gene_ids, vocab, mask_ratio=0.2)(csr)
+    Tokenizer(column_tokens, vocab, mask_ratio=0.2)(csr)
     assert (csr != before).nnz == 0
 
 
 def test_from_vocab(data):
     _X, vocab, _gene_ids = data
     tok = Tokenizer.from_vocab(vocab, max_len=None)
-    assert len(tok.gene_ids) == len(vocab) and (tok.gene_ids[:3] == -1).all()
+    assert len(tok.column_tokens) == len(vocab) and (tok.column_tokens[:3] == -1).all()
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("mode", ["expressed", "full"])
 def test_cuda_matches_cpu(data, mode):
-    X, vocab, gene_ids = data
+    X, vocab, column_tokens = data
     tok = Tokenizer(
-        gene_ids,
+        column_tokens,
         vocab,
         mode=mode,
         max_len=30,
@@ -347,3 +349,44 @@ def test_cuda_matches_cpu(data, mode):
         for key in ("genes", "values", "columns", "key_padding_mask"):
             torch.testing.assert_close(gpu[key].cpu(), cpu[key])
         assert not gpu["mask"][:, 0].any() and not gpu["mask"][gpu["key_padding_mask"]].any()
+
+
+@pytest.mark.parametrize("mode", ["expressed", "full"])
+def test_duplicated_columns_are_summed(data, mode):
+    """Columns sharing a token give the tokens of the matrix with those columns summed."""
+    X, vocab, column_tokens = data
+    dup = np.concatenate([column_tokens, column_tokens[[0, 4, 4]]])
+    Xd = np.concatenate([X, X[:, [9, 4, 20]]], axis=1)  # col 9's values onto gene of col 0
+    summed = X.copy()
+    summed[:, 0] += X[:, 9]
+    summed[:, 4] += X[:, 4] + X[:, 20]
+    for xd in (Xd, sp.csr_matrix(Xd)):
+        got = as_numpy(Tokenizer(dup, vocab, mode=mode, max_len=None)(xd))
+        want = as_numpy(Tokenizer(column_tokens, vocab, mode=mode, max_len=None)(summed))
+        for key in ("genes", "values", "columns", "key_padding_mask"):
+            np.testing.assert_array_equal(got[key], want[key])
+    lengths = Tokenizer(dup, vocab, mode=mode, max_len=None).lengths(sp.csr_matrix(Xd))
+    np.testing.assert_array_equal(lengths, (want["genes"] != vocab.pad_id).sum(1))
+
+
+@pytest.mark.parametrize("mode", ["expressed", "full"])
+@pytest.mark.parametrize("subsample", ["random", "top"])
+def test_subsample_independent_of_column_order_and_batch(data, mode, subsample):
+    X, vocab, column_tokens = data
+    perm = np.random.default_rng(1).permutation(X.shape[1])
+    tok = Tokenizer(column_tokens, vocab, mode=mode, max_len=12, subsample=subsample, seed=3)
+    ptok = Tokenizer(column_tokens[perm], vocab, mode=mode, max_len=12, subsample=subsample, seed=3)
+    a = as_numpy(tok(sp.csr_matrix(X)))
+    b = as_numpy(ptok(sp.csr_matrix(X[:, perm])))
+    np.testing.assert_array_equal(a["genes"], b["genes"])
+    np.testing.assert_array_equal(a["values"], b["values"])
+    # the same cell in another batch (alone, reversed) keeps its tokens
+    rev = as_numpy(tok(sp.csr_matrix(X[::-1])))
+    np.testing.assert_array_equal(rev["genes"][::-1], a["genes"])
+    # the seed changes the random subset; an explicit generator draws a new one per call
+    if subsample == "random":
+        other = Tokenizer(column_tokens, vocab, mode=mode, max_len=12, seed=4)
+        assert (as_numpy(other(sp.csr_matrix(X)))["genes"] != a["genes"]).any()
+        g = torch.Generator().manual_seed(0)
+        first, second = (tok(sp.csr_matrix(X), generator=g)["genes"] for _ in range(2))
+        assert (first != second).any()

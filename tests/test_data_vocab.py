@@ -39,7 +39,7 @@ def test_special_tokens_and_properties(ensembl_vocab):
     v = ensembl_vocab
     assert (v.pad_id, v.cls_id, v.mask_id) == (0, 1, 2)
     assert len(v) == 8 and v.n_genes == 5
-    assert v.gene_ids[:2] == ["ENSG00000000003", "ENSG00000000005"]
+    assert v.gene_keys[:2] == ["ENSG00000000003", "ENSG00000000005"]
     assert v.symbols[-1] == "TP53" and v.has_positions
     batch_tok = v.add_special("<batch:A>")
     assert batch_tok == 8 and v.add_special("<batch:A>") == 8 and v.n_genes == 5
@@ -75,7 +75,7 @@ def test_map_mixed_ids_symbols_versions_duplicates(ensembl_vocab, caplog):
         "ENSG00000000003.9",  # versioned ID -> by id
         "tp53",  # symbol, other case -> by symbol
         "ENSG00000000419",  # plain ID
-        "DPM1",  # duplicate of the previous column -> dropped
+        "DPM1",  # duplicate of the previous column -> same token (summed by the Tokenizer)
         "NOTAGENE",
         "ENSG00000999999",  # unknown ID
         "SCYL3",
@@ -91,7 +91,7 @@ def test_map_mixed_ids_symbols_versions_duplicates(ensembl_vocab, caplog):
         v["ENSG00000000003"],
         v["ENSG00000141510"],
         v["ENSG00000000419"],
-        -1,
+        v["ENSG00000000419"],
         -1,
         -1,
         v["ENSG00000000457"],
@@ -99,13 +99,17 @@ def test_map_mixed_ids_symbols_versions_duplicates(ensembl_vocab, caplog):
     np.testing.assert_array_equal(ids, expected)
     assert ids.dtype == np.int64
     assert isinstance(report, MappingReport) and v.last_report is report
-    assert (report.n_genes, report.n_matched, report.n_by_id, report.n_by_symbol) == (7, 4, 2, 2)
+    assert (report.n_genes, report.n_matched, report.n_by_id, report.n_by_symbol) == (7, 5, 2, 3)
     assert report.duplicates == ["DPM1"]
+    assert (report.n_vocab_genes, report.n_vocab_present) == (5, 4)
+    assert report.coverage == pytest.approx(4 / 5) and not report.coverage_weighted
     assert report.n_unmatched == 2 and report.unmatched == ["NOTAGENE", "ENSG00000999999"]
-    assert report.matched_fraction == pytest.approx(4 / 7)
+    assert report.matched_fraction == pytest.approx(5 / 7)
     text = str(report)
-    assert "4/7" in text and "DPM1" in text and "NOTAGENE" in text
-    assert "4/7" in caplog.text
+    assert (
+        "5/7" in text and "4/5 vocabulary genes" in text and "DPM1" in text and "NOTAGENE" in text
+    )
+    assert "5/7" in caplog.text
     pd.testing.assert_frame_equal(adata.var, before)
 
 
@@ -143,7 +147,7 @@ def test_from_anndata_union_and_detection():
     a2 = make_adata(["ENSG00000000005.3", "ENSG00000141510"], gene_symbol=["TNMD", "TP53"])
     a3 = make_adata(["GAPDH", "ACTB"], gene_ids=["ENSG00000111640", "ENSG00000075624"])
     v = GeneVocab.from_anndata([a1, a2, a3])
-    assert v.gene_ids == [
+    assert v.gene_keys == [
         "ENSG00000000003",
         "ENSG00000000005",
         "ENSG00000141510",
@@ -153,7 +157,7 @@ def test_from_anndata_union_and_detection():
     assert v.symbols == ["TSPAN6", "TNMD", "TP53", "GAPDH", "ACTB"]
     assert v.has_positions
     sym = GeneVocab.from_anndata(make_adata(["CD3E", "MS4A1"]))
-    assert sym.gene_ids == ["CD3E", "MS4A1"] and sym.symbols == ["CD3E", "MS4A1"]
+    assert sym.gene_keys == ["CD3E", "MS4A1"] and sym.symbols == ["CD3E", "MS4A1"]
     np.testing.assert_array_equal(sym.map(make_adata(["ms4a1", "CD3E"])), [4, 3])
 
 
@@ -191,4 +195,4 @@ def test_annotate_from_gene_table(shared_data):
     ids, report = full.map(pbmc.var, min_fraction=0.5, warn_fraction=0.0, return_report=True)
     assert report.n_by_symbol == report.n_matched and report.matched_fraction > 0.7
     tp53 = int(np.flatnonzero(pbmc.var_names == "TP53")[0])
-    assert full.gene_ids[ids[tp53] - 3] == "ENSG00000141510"
+    assert full.gene_keys[ids[tp53] - 3] == "ENSG00000141510"

@@ -154,7 +154,7 @@ def test_cli_help_for_every_subcommand(capsys):
 
 def test_cli_demo_end_to_end_reduced(tmp_path, capsys):
     out = tmp_path / "demo"
-    cli.main(
+    code = cli.main(
         [
             "demo",
             "--out",
@@ -169,6 +169,7 @@ def test_cli_demo_end_to_end_reduced(tmp_path, capsys):
             "cpu",
         ]
     )
+    assert code == 0
     printed = capsys.readouterr().out
     assert "SCMamba2" in printed and "LogReg on PCA" in printed
     metrics = json.loads((out / "metrics.json").read_text())
@@ -184,12 +185,12 @@ def test_cli_demo_end_to_end_reduced(tmp_path, capsys):
     assert (res.obs["split"] == "test").sum() == 140
 
 
-def test_cli_pretrain_embed_annotate_finetune(tmp_path):
+def test_cli_pretrain_embed_annotate_finetune(tmp_path, capsys):
     adata = pbmc68k_counts()[:120].copy()
     path = tmp_path / "cells.h5ad"
     adata.write_h5ad(path)
     model_dir = tmp_path / "pre"
-    cli.main(
+    code = cli.main(
         [
             "pretrain",
             str(path),
@@ -205,31 +206,26 @@ def test_cli_pretrain_embed_annotate_finetune(tmp_path):
             "cpu",
         ]
     )
+    assert code == 0
     assert (model_dir / "model" / "model.pt").exists()
     assert (model_dir / "checkpoints" / "step=00000002.ckpt").exists()  # 120 cells / 64
     ft_dir = tmp_path / "ft"
     finetune = ["finetune", str(path), "--model", str(model_dir), "--out", str(ft_dir)]
-    with pytest.raises(SystemExit, match="no obs column 'cell_type'"):
-        cli.main([*finetune, "--labels-key", "cell_type", "--epochs", "1"])
+    assert cli.main([*finetune, "--labels-key", "cell_type", "--epochs", "1"]) == 1
+    assert "--labels-key 'cell_type' is not in obs" in capsys.readouterr().err
     # the pretrained backbone gets a new classifier head for the query's labels
-    cli.main([*finetune, "--labels-key", "bulk_labels", "--epochs", "1"])
+    assert cli.main([*finetune, "--labels-key", "bulk_labels", "--epochs", "1"]) == 0
     labelled = tmp_path / "labelled.h5ad"
-    cli.main(["annotate", str(path), "--model", str(ft_dir), "--output", str(labelled)])
+    annotate = ["annotate", str(path), "--model", str(ft_dir), "--output", str(labelled)]
+    assert cli.main(annotate) == 0
     import anndata as ad
 
     predicted = ad.read_h5ad(labelled).obs["scmamba2_label"]
     assert set(predicted) <= set(adata.obs["bulk_labels"].astype(str))
     emb = tmp_path / "emb.h5ad"
-    cli.main(["embed", str(path), "--model", str(model_dir), "--output", str(emb)])
+    assert cli.main(["embed", str(path), "--model", str(model_dir), "--output", str(emb)]) == 0
     assert ad.read_h5ad(emb).obsm["X_scmamba2"].shape == (120, 128)
-    with pytest.raises(SystemExit, match="does not exist"):
-        cli.main(
-            [
-                "embed",
-                str(tmp_path / "missing.h5ad"),
-                "--model",
-                str(model_dir),
-                "--output",
-                str(emb),
-            ]
-        )
+    missing = ["embed", str(tmp_path / "missing.h5ad"), "--model", str(model_dir)]
+    capsys.readouterr()
+    assert cli.main([*missing, "--output", str(emb)]) == 1
+    assert "does not exist" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 import warnings
@@ -28,9 +29,41 @@ def _quiet() -> None:
 def _read(path: str):
     import anndata as ad
 
-    if not Path(path).exists():
-        raise SystemExit(f"error: input file {path!r} does not exist.")
-    return ad.read_h5ad(path)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"input file {path!r} does not exist; pass an existing .h5ad file.")
+    try:
+        return ad.read_h5ad(path)
+    except Exception as e:  # h5py/anndata raise OSError, KeyError, ... for non-h5ad files
+        raise ValueError(
+            f"{path!r} is not a readable h5ad file ({type(e).__name__}: {e}); pass an AnnData "
+            "written with adata.write_h5ad()."
+        ) from e
+
+
+def _check_keys(adata, path: str, **flags: str | None) -> None:
+    """Keys given explicitly (not ``"reference"``) must exist in the input, checked up front."""
+    tables = {"layer": "layers", "gene_key": "var", "labels_key": "obs", "batch_key": "obs"}
+    for flag, key in flags.items():
+        if key in (None, "reference"):
+            continue
+        where = tables[flag]
+        names = list(adata.layers) if where == "layers" else list(getattr(adata, where).columns)
+        if key not in names:
+            shown = ", ".join(map(str, names[:20])) or "none"
+            raise KeyError(
+                f"--{flag.replace('_', '-')} {key!r} is not in {where} of {path} (it has: "
+                f"{shown}); pass one of these."
+            )
+
+
+def _check_output_folder(path: str, flag: str) -> None:
+    """The folder an output file goes to must exist (checked before any work is done)."""
+    parent = Path(path).resolve().parent
+    if not parent.is_dir():
+        raise FileNotFoundError(
+            f"the folder of {flag} {path!r} ({parent}) does not exist; create it first or "
+            "choose another path."
+        )
 
 
 def lr_pca_baseline(train, test, labels_key: str, n_pcs: int = 50, seed: int = 0) -> np.ndarray:
@@ -189,6 +222,11 @@ def pretrain(args: argparse.Namespace) -> None:
 
 def _model_dir(path: str) -> str:
     """A saved model's folder, also given as the output folder of ``scmamba2 pretrain``."""
+    if not Path(path).is_dir():
+        raise FileNotFoundError(
+            f"--model folder {path!r} does not exist; pass the folder a model was saved to "
+            "(the --out of scmamba2 finetune, pretrain or demo)."
+        )
     inner = Path(path) / "model"
     if not (Path(path) / "model.pt").exists() and (inner / "model.pt").exists():
         return str(inner)
@@ -197,22 +235,26 @@ def _model_dir(path: str) -> str:
 
 def finetune(args: argparse.Namespace) -> None:
     """Load a (pre)trained model onto new data, fine-tune it, save it."""
+    model_dir = _model_dir(args.model)
+    adata = _read(args.input)
+    _check_keys(
+        adata,
+        args.input,
+        layer=args.layer,
+        gene_key=args.gene_key,
+        labels_key=args.labels_key,
+        batch_key=args.batch_key,
+    )
     from .model import SCMamba2
 
-    adata = _read(args.input)
     model = SCMamba2.load_query_data(
         adata,
-        _model_dir(args.model),
+        model_dir,
         layer=args.layer,
         batch_key=args.batch_key,
         labels_key=args.labels_key,
         gene_key=args.gene_key,
     )
-    if args.labels_key is not None and not model.label_categories:
-        raise SystemExit(
-            f"error: {args.input} has no obs column {args.labels_key!r} to train the "
-            "classifier on; pass --labels-key with a column of cell types."
-        )
     model.train(
         max_epochs=args.epochs,
         batch_size=args.batch_size,
@@ -224,16 +266,20 @@ def finetune(args: argparse.Namespace) -> None:
 
 
 def _apply(args: argparse.Namespace, tool: str) -> None:
+    _check_output_folder(args.output, "--output")
+    model_dir = _model_dir(args.model)
+    adata = _read(args.input)
+    _check_keys(adata, args.input, gene_key=args.gene_key)
     from . import tl
     from .model import SCMamba2
 
-    adata = _read(args.input)
     model = SCMamba2.load_query_data(
         adata,
-        _model_dir(args.model),
+        model_dir,
         gene_key=args.gene_key,
         labels_key=None,
         batch_key="reference",
+        min_gene_fraction=args.min_gene_fraction,
     )
     if tool == "embed":
         tl.embed(adata, model, key_added=args.key)
@@ -243,32 +289,82 @@ def _apply(args: argparse.Namespace, tool: str) -> None:
     print(f"wrote {args.output} ({tool}: key {args.key!r})")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line naming the problem and where to read the options."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind: type, minimum: float, what: str):
+    """Argparse type: a number of ``kind`` at least ``minimum`` (exclusive for floats)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        ok = value > minimum if kind is float else value >= minimum
+        if not ok or (kind is float and not np.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+
+    return parse
+
+
+_POSITIVE = _number(int, 1, "a positive integer")
+_MAX_LEN = _number(int, 2, "an integer >= 2 (<cls> plus at least one gene)")
+_LR = _number(float, 0.0, "a positive number")
+_ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+
+
+def _fraction(text: str) -> float:
+    value = _number(float, -1.0, "a fraction between 0 and 1")(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction between 0 and 1")
+    return value
+
+
+def _preset(name: str) -> str:
+    from .model import PRESETS
+
+    if name not in PRESETS:
+        raise argparse.ArgumentTypeError(f"unknown preset {name!r}; choose one of {list(PRESETS)}")
+    return name
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``scmamba2`` command."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="scmamba2",
         description="SC-MAMBA2: bidirectional Mamba2 single-cell foundation model (scvi-tools).",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    verbose_help = "show the full traceback on errors (also SCMAMBA2_DEBUG=1)"
+    parser.add_argument("--verbose", action="store_true", help=verbose_help)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def common(p, epochs: int, preset: bool = True):
+        p.add_argument(
+            "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help
+        )
         if preset:
             p.add_argument(
                 "--preset",
+                type=_preset,
                 default="cpu-small",
                 help="architecture preset (cpu-small, default, paper-medium, "
                 "paper-large); default: %(default)s",
             )
             p.add_argument(
                 "--max-len",
-                type=int,
+                type=_MAX_LEN,
                 default=1024,
                 help="max tokens per cell; default: %(default)s",
             )
-        p.add_argument("--epochs", type=int, default=epochs, help="default: %(default)s")
-        p.add_argument("--batch-size", type=int, default=64, help="default: %(default)s")
-        p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-        p.add_argument("--accelerator", default="auto", help="cpu, gpu or auto")
+        p.add_argument("--epochs", type=_POSITIVE, default=epochs, help="default: %(default)s")
+        p.add_argument("--batch-size", type=_POSITIVE, default=64, help="default: %(default)s")
+        p.add_argument("--lr", type=_LR, default=1e-3, help="peak learning rate")
+        p.add_argument("--accelerator", default="auto", choices=_ACCELERATORS)
 
     p = sub.add_parser(
         "demo",
@@ -292,11 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", default=None, help="counts layer (h5ad: default X; SOMA: raw)")
     p.add_argument("--gene-key", default=None, help="var column with gene IDs or symbols")
     p.add_argument("--mode", default="expressed", choices=["expressed", "full"])
-    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps")
-    p.add_argument("--checkpoint-every", type=int, default=1000, help="default: %(default)s")
+    p.add_argument("--max-steps", type=_POSITIVE, default=None, help="optimizer steps")
+    p.add_argument("--checkpoint-every", type=_POSITIVE, default=1000, help="default: %(default)s")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--devices", default="auto", help="devices per node (auto, N)")
-    p.add_argument("--num-nodes", type=int, default=1)
+    p.add_argument("--num-nodes", type=_POSITIVE, default=1)
     p.add_argument("--strategy", default="auto", help="auto (DDP with several devices), fsdp")
     p.add_argument("--precision", default=None, help="default: bf16-mixed on GPU")
     p.add_argument(
@@ -307,9 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--num-workers", type=int, default=0, help="data processes per rank")
     p.add_argument(
-        "--token-budget", type=int, default=None, help="tokens per step (batch size varies)"
+        "--token-budget", type=_POSITIVE, default=None, help="tokens per step (batch size varies)"
     )
-    p.add_argument("--block-size", type=int, default=1024, help="cells per corpus block")
+    p.add_argument("--block-size", type=_POSITIVE, default=1024, help="cells per corpus block")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-log", action="store_true", help="log the cells of every batch")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -343,15 +439,39 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--output", required=True, help="h5ad file to write")
         p.add_argument("--key", default=key, help=f"{what}; default: %(default)s")
         p.add_argument("--gene-key", default=None)
+        p.add_argument(
+            "--min-gene-fraction",
+            type=_fraction,
+            default=None,
+            help="least share of the model's genes the input must hold (default: the model's)",
+        )
+        p.add_argument(
+            "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help
+        )
         p.set_defaults(func=lambda a, tool=name: _apply(a, tool))
     return parser
 
 
+def _one_line(error: BaseException) -> str:
+    text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    return " ".join(str(text).split()) or type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``scmamba2`` console script."""
+    """Entry point of the ``scmamba2`` console script.
+
+    Errors print one line (``scmamba2: error: ...``) and exit with status 1; ``--verbose`` or
+    ``SCMAMBA2_DEBUG=1`` shows the traceback instead.
+    """
     args = build_parser().parse_args(argv)
     _quiet()
-    args.func(args)
+    try:
+        args.func(args)
+    except Exception as e:
+        if args.verbose or os.environ.get("SCMAMBA2_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"scmamba2: error: {_one_line(e)}", file=sys.stderr)
+        return 1
     return 0
 
 

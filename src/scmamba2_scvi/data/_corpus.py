@@ -61,18 +61,24 @@ def shard_info(rank: int | None = None, world_size: int | None = None) -> tuple[
     return rank * n_workers + worker, world_size * n_workers
 
 
-def _to_vocab_space(X: Any, gene_ids: np.ndarray, n_vocab: int) -> sp.csr_matrix:
-    """Re-index the columns of ``X`` to token ids; unmapped (-1) columns are dropped."""
-    mapped = np.flatnonzero(gene_ids >= 0)
-    order = mapped[np.argsort(gene_ids[mapped], kind="stable")]
+def _to_vocab_space(X: Any, column_tokens: np.ndarray, n_vocab: int) -> sp.csr_matrix:
+    """Re-index the columns of ``X`` to token ids; unmapped (-1) columns are dropped.
+
+    Columns sharing a token (duplicated genes) are summed.
+    """
+    mapped = np.flatnonzero(column_tokens >= 0)
+    order = mapped[np.argsort(column_tokens[mapped], kind="stable")]
     X = sp.csr_matrix(X) if not sp.issparse(X) else X.tocsr()
     sub = X[:, order]  # columns now in increasing token id
     sub.sort_indices()
-    tokens = gene_ids[order]
+    tokens = column_tokens[order]
     indices = tokens[sub.indices].astype(np.int32 if n_vocab < 2**31 else np.int64)
-    return sp.csr_matrix(
+    out = sp.csr_matrix(
         (np.asarray(sub.data, dtype=np.float32), indices, sub.indptr), shape=(X.shape[0], n_vocab)
     )
+    if len(np.unique(tokens)) < len(tokens):  # duplicated genes: one entry with their sum
+        out.sum_duplicates()
+    return out
 
 
 class CellCorpus(IterableDataset):
@@ -172,8 +178,8 @@ class CellCorpus(IterableDataset):
         corpus) and ``obs_names``. The within-block order depends only on the seed, the epoch
         and the block, so the same block reads the same on every rank and after a restart.
         """
-        X, gene_ids, names = self._read(source, start, stop)
-        X = _to_vocab_space(X, gene_ids, len(self.vocab))
+        X, column_tokens, names = self._read(source, start, stop)
+        X = _to_vocab_space(X, column_tokens, len(self.vocab))
         offset = int(np.sum(self._sizes[:source], dtype=np.int64))
         index = np.arange(start, stop, dtype=np.int64) + offset
         names = np.asarray(names, dtype=object)
@@ -237,11 +243,11 @@ class AnnDataCorpus(CellCorpus):
             raise KeyError(f"layer={layer!r} not in adata.layers ({list(adata.layers)}).")
         self.adata = adata
         self.layer = layer
-        self.gene_ids = vocab.map(adata, gene_key, min_fraction=min_fraction)
+        self.column_tokens = vocab.map(adata, gene_key, min_fraction=min_fraction)
         self._sizes = [adata.n_obs]
 
     def _read(self, source: int, start: int, stop: int) -> tuple[Any, np.ndarray, Sequence[str]]:
-        return self._matrix()[start:stop], self.gene_ids, self.adata.obs_names[start:stop]
+        return self._matrix()[start:stop], self.column_tokens, self.adata.obs_names[start:stop]
 
     def _matrix(self) -> Any:
         return self.adata.X if self.layer is None else self.adata.layers[self.layer]
@@ -296,14 +302,14 @@ class H5adShardCorpus(CellCorpus):
             raise FileNotFoundError(f"No .h5ad files found in {paths}.")
         self.paths = files
         self.layer = layer
-        self.gene_ids: list[np.ndarray] = []
+        self.shard_column_tokens: list[np.ndarray] = []
         for path in files:
             with h5py.File(path, "r") as f:
                 var = ad.io.read_elem(f["var"])
                 elem = self._matrix(f, path)
                 shape = elem.attrs["shape"] if isinstance(elem, h5py.Group) else elem.shape
             self._sizes.append(int(shape[0]))
-            self.gene_ids.append(vocab.map(var, gene_key, min_fraction=min_fraction))
+            self.shard_column_tokens.append(vocab.map(var, gene_key, min_fraction=min_fraction))
 
     def _matrix(self, f: h5py.File, path: str) -> h5py.Group | h5py.Dataset:
         if self.layer is None:
@@ -332,7 +338,7 @@ class H5adShardCorpus(CellCorpus):
             obs = f["obs"]
             names = obs[obs.attrs["_index"]][start:stop]
         names = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
-        return X, self.gene_ids[source], names
+        return X, self.shard_column_tokens[source], names
 
 
 class SomaCorpus(CellCorpus):
@@ -401,7 +407,7 @@ class SomaCorpus(CellCorpus):
         if gene_key not in var.columns:
             raise KeyError(f"gene_key={gene_key!r} not in var columns {list(var.columns)}.")
         var_table = var.set_index(pd.Index(var[gene_key].astype(str), name=None))
-        self.gene_ids = vocab.map(var_table, min_fraction=min_fraction)
+        self.column_tokens = vocab.map(var_table, min_fraction=min_fraction)
         self._var_joinids = var["soma_joinid"].to_numpy()
         self._obs_joinids = obs["soma_joinid"].to_numpy()
         order = np.argsort(self._obs_joinids, kind="stable")
@@ -425,7 +431,7 @@ class SomaCorpus(CellCorpus):
         rows = np.searchsorted(ids, dim0)
         cols = np.searchsorted(self._var_joinids, dim1)
         X = sp.csr_matrix((data, (rows, cols)), shape=(len(ids), len(self._var_joinids)))
-        return X, self.gene_ids, self._obs_names[start:stop]
+        return X, self.column_tokens, self._obs_names[start:stop]
 
 
 def _import_tiledbsoma() -> Any:
@@ -515,9 +521,9 @@ def corpus_dataloader(
     A DataLoader whose items are the tokenizer's dictionaries plus ``obs_index`` ``(b,)``
     (position of each cell in the corpus). Call ``corpus.set_epoch(e)`` before each epoch.
     """
-    if len(tokenizer.gene_ids) != len(corpus.vocab):
+    if len(tokenizer.column_tokens) != len(corpus.vocab):
         raise ValueError(
-            f"The tokenizer has {len(tokenizer.gene_ids)} columns but corpus batches have one "
+            f"The tokenizer has {len(tokenizer.column_tokens)} columns but corpus batches have one "
             f"column per vocabulary token ({len(corpus.vocab)}); build it with "
             "Tokenizer.from_vocab(corpus.vocab, ...)."
         )

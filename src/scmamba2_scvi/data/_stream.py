@@ -122,10 +122,10 @@ class TokenStream:
         world_size: int | None = None,
         **loader_kwargs: Any,
     ) -> None:
-        if len(tokenizer.gene_ids) != len(corpus.vocab):
+        if len(tokenizer.column_tokens) != len(corpus.vocab):
             raise ValueError(
-                f"The tokenizer has {len(tokenizer.gene_ids)} columns but corpus batches have one "
-                f"column per vocabulary token ({len(corpus.vocab)}); build it with "
+                f"The tokenizer has {len(tokenizer.column_tokens)} columns but corpus batches "
+                f"have one column per vocabulary token ({len(corpus.vocab)}); build it with "
                 "Tokenizer.from_vocab(corpus.vocab, ...)."
             )
         if batch_size < 1:
@@ -191,7 +191,7 @@ class TokenStream:
         """Upper bounds of the cells' token counts, in the order the block is read."""
         tok = self.tokenizer
         if tok.mode != "expressed":  # a fixed gene set: every cell has the same length
-            return np.full(stop - start, tok.lengths(sp.csr_matrix((1, len(tok.gene_ids))))[0])
+            return np.full(stop - start, tok.lengths(sp.csr_matrix((1, len(tok.column_tokens))))[0])
         if source not in self._stored:
             self._stored[source] = self.corpus.stored_counts(source)
         stored = self._stored[source]

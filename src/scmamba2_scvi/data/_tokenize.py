@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -51,6 +52,75 @@ def _random_keys(n: int, device: torch.device, generator: torch.Generator | None
     return torch.empty(n, dtype=torch.long, device=device).random_(generator=generator) >> 32
 
 
+_M31 = (1 << 31) - 1
+
+
+def _hash31(x: torch.Tensor) -> torch.Tensor:
+    """Integer hash of int64 ``x`` into ``[0, 2**31)`` (products stay below ``2**63``)."""
+    x = x & _M31
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _M31
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _M31
+    return x ^ (x >> 16)
+
+
+def _cell_keys(row: torch.Tensor, tokens: torch.Tensor, raw: torch.Tensor, n_rows: int):
+    """A key per cell from its content: the (gene token, value) pairs of its entries.
+
+    A sum over the entries, so it does not depend on the order of the columns nor on the other
+    cells of the batch.
+    """
+    entry = _hash31(_hash31(tokens) ^ _float_key(raw))
+    return _hash31(
+        torch.zeros(n_rows, dtype=torch.long, device=row.device).index_add_(0, row, entry)
+    )
+
+
+def _identity_keys(cell_key: torch.Tensor, tokens: torch.Tensor, salt: int) -> torch.Tensor:
+    """Seeded hash of (cell, gene token) in ``[0, 2**31)``; shapes broadcast."""
+    return _hash31(cell_key ^ _hash31(tokens + salt))
+
+
+def _merge_duplicate_columns(csr: _CSR, canonical: torch.Tensor) -> _CSR:
+    """Move every entry to its gene's first column (``canonical``) and sum entries that meet."""
+    dev = csr.val.device
+    row = csr.rows()
+    key = row * csr.n_cols + canonical.to(dev)[csr.col]
+    uniq, inverse = torch.unique(key, sorted=True, return_inverse=True)
+    val = torch.zeros(len(uniq), dtype=csr.val.dtype, device=dev).index_add_(0, inverse, csr.val)
+    new_row = uniq // csr.n_cols
+    crow = torch.zeros(csr.n_rows + 1, dtype=torch.long, device=dev)
+    torch.cumsum(torch.bincount(new_row, minlength=csr.n_rows), 0, out=crow[1:])
+    return _CSR(crow, uniq % csr.n_cols, val, csr.n_rows, csr.n_cols, True)
+
+
+def _is_canonical_csr(X: sp.spmatrix) -> bool:
+    """CSR without repeated column indices in a row (their entries would be counted twice)."""
+    return X.format == "csr" and X.has_canonical_format
+
+
+def _first_columns(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Deduplicated column tokens and each column's first column of the same gene.
+
+    Later columns of a duplicated gene get -1 in the first output; the second is ``None``
+    when no gene is duplicated.
+    """
+    mapped = torch.nonzero(ids >= 0).flatten()
+    tokens = ids[mapped]
+    if len(torch.unique(tokens)) == len(tokens):
+        return ids, None
+    order = torch.sort(tokens, stable=True).indices  # same tokens together, by column
+    sorted_tok = tokens[order]
+    is_first = torch.ones(len(order), dtype=torch.bool)
+    is_first[1:] = sorted_tok[1:] != sorted_tok[:-1]
+    group_first = mapped[order][is_first]
+    first = group_first[torch.cumsum(is_first.long(), 0) - 1]
+    canonical = torch.arange(len(ids))
+    canonical[mapped[order]] = first
+    unique = ids.clone()
+    unique[canonical != torch.arange(len(ids))] = -1
+    return unique, canonical
+
+
 def _bernoulli(
     shape: tuple[int, ...], p: float, device: torch.device, generator: torch.Generator | None
 ) -> torch.Tensor:
@@ -73,9 +143,9 @@ class Tokenizer:
 
     Parameters
     ----------
-    gene_ids
+    column_tokens
         ``(n_vars,)`` token id of each column of ``X`` (from :meth:`GeneVocab.map`); -1 drops
-        the column. Non-negative ids must be unique.
+        the column. Columns sharing a token (duplicated genes) are summed into one token.
     vocab
         The vocabulary (pad/cls ids, genomic positions).
     mode
@@ -85,7 +155,12 @@ class Tokenizer:
         Maximum tokens per cell including ``<cls>``; ``None`` for no limit.
     subsample
         When a cell has more genes than ``max_len - 1``: keep a ``"random"`` subset
-        (as the reference) or the ``"top"`` expressed genes (by raw value; ties by column).
+        (as the reference) or the ``"top"`` expressed genes (by raw value; ties by token id).
+        The random subset ranks genes by a seeded hash of (cell, gene token), the cell known by
+        its content (its genes and values), so a cell gets the same subset in any column order
+        and in any batch. The hash's salt is ``seed`` when the tokenizer is seeded and called
+        without a ``generator`` (the same subset on every call: deterministic embeddings), else
+        drawn from the generator on each call (a new subset at each training step).
     gene_order
         ``"vocab"`` (token id order, the default: the same gene keeps the same relative place
         in every dataset, unlike the dataset's column order, and it needs no annotation),
@@ -119,7 +194,7 @@ class Tokenizer:
 
     def __init__(
         self,
-        gene_ids: np.ndarray | Sequence[int] | torch.Tensor,
+        column_tokens: np.ndarray | Sequence[int] | torch.Tensor,
         vocab: GeneVocab,
         mode: Literal["expressed", "full", "genes"] = "expressed",
         max_len: int | None = 2048,
@@ -146,21 +221,18 @@ class Tokenizer:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}.")
         if n_bins < 2:
             raise ValueError(f"n_bins must be at least 2, got {n_bins}.")
-        ids = torch.as_tensor(np.asarray(gene_ids), dtype=torch.long).cpu()
+        ids = torch.as_tensor(np.asarray(column_tokens), dtype=torch.long).cpu()
         if ids.dim() != 1:
-            raise ValueError("gene_ids must be a 1-D array with one token id per column of X.")
+            raise ValueError("column_tokens must be a 1-D array with one token id per column of X.")
         mapped = ids[ids >= 0]
         if len(mapped) == 0:
-            raise ValueError("No column of X maps to the vocabulary (all gene_ids are -1).")
+            raise ValueError("No column of X maps to the vocabulary (all column_tokens are -1).")
         if int(mapped.max()) >= len(vocab):
-            raise ValueError("gene_ids contains token ids outside the vocabulary.")
-        if len(torch.unique(mapped)) != len(mapped):
-            raise ValueError(
-                "gene_ids maps several columns to the same token; use GeneVocab.map, which keeps "
-                "the first column of each duplicated gene."
-            )
+            raise ValueError("column_tokens contains token ids outside the vocabulary.")
         if bool(torch.as_tensor(vocab.is_special)[mapped].any()):
-            raise ValueError("gene_ids points columns at special tokens; map genes only.")
+            raise ValueError("column_tokens points columns at special tokens; map genes only.")
+        self.column_tokens = ids
+        ids, self._canonical = _first_columns(ids)
         self.vocab = vocab
         self.mode = mode
         self.max_len = max_len
@@ -171,7 +243,7 @@ class Tokenizer:
         self.mask_ratio = mask_ratio
         self.check_counts = check_counts
         self.seed = seed
-        self.gene_ids = ids
+        self._col_tokens = ids  # column_tokens with duplicated genes' later columns at -1
         self._generators: dict[str, torch.Generator] = {}
 
         # Sort key of each column for the fixed orders (token id or genomic rank).
@@ -225,8 +297,8 @@ class Tokenizer:
         -------
         The tokenizer.
         """
-        gene_ids = np.where(vocab.is_special, -1, np.arange(len(vocab)))
-        return cls(gene_ids, vocab, **kwargs)
+        column_tokens = np.where(vocab.is_special, -1, np.arange(len(vocab)))
+        return cls(column_tokens, vocab, **kwargs)
 
     def _gene_columns(
         self, genes: Sequence[int] | Sequence[str] | np.ndarray | None
@@ -237,10 +309,10 @@ class Tokenizer:
         arr = np.asarray(genes)
         if arr.dtype.kind in "iu":
             cols = torch.as_tensor(arr, dtype=torch.long)
-            if int(cols.min()) < 0 or int(cols.max()) >= len(self.gene_ids):
+            if int(cols.min()) < 0 or int(cols.max()) >= len(self._col_tokens):
                 raise ValueError("genes= holds column indices outside X.")
         else:
-            col_of_token = {int(t): j for j, t in enumerate(self.gene_ids.tolist()) if t >= 0}
+            col_of_token = {int(t): j for j, t in enumerate(self._col_tokens.tolist()) if t >= 0}
             idx = []
             for name in arr.tolist():
                 tok = self._token_of_name(str(name))
@@ -248,7 +320,7 @@ class Tokenizer:
                     raise ValueError(f"Gene {name!r} of genes= is not among the mapped columns.")
                 idx.append(col_of_token[tok])
             cols = torch.as_tensor(idx, dtype=torch.long)
-        if bool((self.gene_ids[cols] < 0).any()):
+        if bool((self._col_tokens[cols] < 0).any()):
             raise ValueError("genes= holds columns that are not mapped to the vocabulary (-1).")
         if len(torch.unique(cols)) != len(cols):
             raise ValueError("genes= lists a gene more than once.")
@@ -262,6 +334,14 @@ class Tokenizer:
             raise ValueError(f"Gene {name!r} of genes= is not in the vocabulary.")
         return int(ids[0])
 
+    @property
+    def gene_ids(self) -> torch.Tensor:
+        """Deprecated name of :attr:`column_tokens`."""
+        warnings.warn(
+            "Tokenizer.gene_ids is renamed column_tokens.", DeprecationWarning, stacklevel=2
+        )
+        return self.column_tokens
+
     def __repr__(self) -> str:
         return (
             f"Tokenizer(mode={self.mode!r}, max_len={self.max_len}, subsample={self.subsample!r}, "
@@ -271,10 +351,10 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ helpers
     def _device_tables(self, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """``gene_ids``, column keys and dense-mode columns on ``device`` (cached)."""
+        """Column tokens, column keys and dense-mode columns on ``device`` (cached)."""
         if device not in self._cache:
             cols = self._columns.to(device) if self._columns is not None else None
-            self._cache[device] = (self.gene_ids.to(device), self._col_key.to(device), cols)
+            self._cache[device] = (self._col_tokens.to(device), self._col_key.to(device), cols)
         return self._cache[device]
 
     def _generator(
@@ -285,6 +365,16 @@ class Tokenizer:
         if device.type not in self._generators:
             self._generators[device.type] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[device.type]
+
+    def _merged(self, csr: _CSR) -> _CSR:
+        """``csr`` with the columns of duplicated genes summed into the gene's first column."""
+        return csr if self._canonical is None else _merge_duplicate_columns(csr, self._canonical)
+
+    def _salt(self, gen: torch.Generator | None, explicit: torch.Generator | None) -> int:
+        """Salt of the identity hash: ``seed`` for a seeded call without generator, else drawn."""
+        if self.seed is not None and explicit is None:
+            return self.seed & _M31
+        return int(_random_keys(1, torch.device("cpu") if gen is None else gen.device, gen))
 
     def lengths(self, X: ArrayLike) -> np.ndarray:
         """Sequence length (``<cls>`` included) each cell of ``X`` will get.
@@ -300,18 +390,19 @@ class Tokenizer:
         """
         if self._columns is not None:
             n = np.full(X.shape[0], len(self._columns) + 1, dtype=np.int64)
-        elif sp.issparse(X) and X.format == "csr":  # straight from the CSR arrays, no copy
+        elif self._canonical is None and sp.issparse(X) and _is_canonical_csr(X):
+            # straight from the CSR arrays, no copy
             keep = X.data != 0
             if not self._all_mapped:
-                keep &= self.gene_ids.numpy()[X.indices] >= 0
+                keep &= self._col_tokens.numpy()[X.indices] >= 0
             if keep.all():
                 n = np.diff(X.indptr).astype(np.int64) + 1
             else:
                 kept = np.concatenate([[0], np.cumsum(keep)])
                 n = kept[X.indptr[1:]] - kept[X.indptr[:-1]] + 1
         else:
-            csr = _to_csr(X)
-            keep = (csr.val != 0) & (self.gene_ids[csr.col] >= 0)
+            csr = self._merged(_to_csr(X))
+            keep = (csr.val != 0) & (self._col_tokens[csr.col] >= 0)
             n = torch.bincount(csr.rows()[keep], minlength=csr.n_rows).numpy() + 1
         return n if self.max_len is None else np.minimum(n, self.max_len)
 
@@ -348,11 +439,13 @@ class Tokenizer:
         of X of each token, -1 for ``<cls>``/padding).
         """
         csr = _to_csr(X, device)
-        if csr.n_cols != len(self.gene_ids):
+        if csr.n_cols != len(self._col_tokens):
             raise ValueError(
                 f"X has {csr.n_cols} columns but the tokenizer was built for "
-                f"{len(self.gene_ids)} (gene_ids); build it from vocab.map() of the same data."
+                f"{len(self._col_tokens)} (column_tokens); build it from vocab.map() of the same "
+                "data."
             )
+        csr = self._merged(csr)
         dev = csr.val.device
         gen = self._generator(dev, generator)
         ratio = self.mask_ratio if mask_ratio is None else mask_ratio
@@ -360,9 +453,9 @@ class Tokenizer:
             raise ValueError(f"mask_ratio must be in [0, 1), got {ratio}.")
         if self.check_counts:
             _check_count_values(csr.val)
-        gene_ids, col_key, columns = self._device_tables(dev)
+        col_tokens, col_key, columns = self._device_tables(dev)
         all_rows = csr.rows()
-        tokens = gene_ids[csr.col]
+        tokens = col_tokens[csr.col]
         keep = csr.val != 0
         if not self._all_mapped:
             keep &= tokens >= 0
@@ -375,9 +468,9 @@ class Tokenizer:
         totals = _row_totals(csr, all_rows) if self.value_transform == "log1p" else None
         tval = _transform(row, raw, csr.n_rows, self.value_transform, self.n_bins, integral, totals)
         if columns is None:
-            out = self._expressed(csr, row, col, tokens, raw, tval, col_key, gen)
+            out = self._expressed(csr, row, col, tokens, raw, tval, col_key, gen, generator)
         else:
-            out = self._dense(csr, row, col, raw, tval, gene_ids, columns, gen)
+            out = self._dense(csr, row, col, raw, tval, col_tokens, columns, gen, generator)
         self._apply_mask(out, ratio, gen)
         return out
 
@@ -425,6 +518,7 @@ class Tokenizer:
         tval: torch.Tensor,
         col_key: torch.Tensor,
         gen: torch.Generator | None,
+        explicit: torch.Generator | None,
     ) -> dict[str, torch.Tensor]:
         """Sequences of the non-zero mapped entries (``row`` sorted, CSR order).
 
@@ -461,7 +555,8 @@ class Tokenizer:
             dest = row * length + rank + 1
         trash = longest > cap
         if trash:
-            sub, new_rank = self._subsample(row, raw, rank, counts, start, cap, gen)
+            salt = self._salt(gen, explicit) if self.subsample == "random" else 0
+            sub, new_rank = self._subsample(row, tokens, raw, rank, counts, start, cap, salt)
             dest[sub] = torch.where(
                 new_rank >= 0, row[sub] * length + new_rank + 1, n_rows * length
             )
@@ -488,12 +583,13 @@ class Tokenizer:
     def _subsample(
         self,
         row: torch.Tensor,
+        tokens: torch.Tensor,
         raw: torch.Tensor,
         rank: torch.Tensor | None,
         counts: torch.Tensor,
         start: torch.Tensor,
         cap: int,
-        gen: torch.Generator | None,
+        salt: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keep ``cap`` entries of each longer row.
 
@@ -510,12 +606,16 @@ class Tokenizer:
         r = row[sub]
         # Sorting keeps the row segments in place, so position - seg_start = rank in the row.
         in_row = position - torch.repeat_interleave(seg_start, seg)
+        tok = tokens[sub]
+        # Priorities and ties depend on gene tokens, not on column positions.
+        by_token = _sort_within_rows(r, tok)
         if self.subsample == "random":
-            prio = _random_keys(len(sub), dev, gen)
-        else:  # "top": descending raw value, ties in column order
+            cell = _cell_keys(r, tok, raw[sub], len(counts))
+            prio = _identity_keys(cell[r], tok, salt)
+        else:  # "top": descending raw value, ties by token id
             prio = _KEY_MAX - _float_key(raw[sub])
         chosen = torch.empty(len(sub), dtype=torch.bool, device=dev)
-        chosen[_sort_within_rows(r, prio)] = in_row < cap
+        chosen[by_token[_sort_within_rows(r[by_token], prio[by_token])]] = in_row < cap
         # New rank: number of chosen entries of the row that come earlier in the output order.
         order = in_row if rank is None else rank[sub]
         by_rank = _sort_within_rows(r, order)
@@ -534,9 +634,10 @@ class Tokenizer:
         col: torch.Tensor,
         raw: torch.Tensor,
         tval: torch.Tensor,
-        gene_ids: torch.Tensor,
+        col_tokens: torch.Tensor,
         columns: torch.Tensor,
         gen: torch.Generator | None,
+        explicit: torch.Generator | None,
     ) -> dict[str, torch.Tensor]:
         """Sequences over a fixed column set (``full``/``genes`` modes), zeros included."""
         dev = row.device
@@ -555,7 +656,7 @@ class Tokenizer:
             values.view(-1)[row * (n + 1) + j + 1] = tval
             kpm = torch.zeros((b, n + 1), dtype=torch.bool, device=dev)
             return {
-                "genes": torch.cat([genes, gene_ids[columns].expand(b, n)], 1),
+                "genes": torch.cat([genes, col_tokens[columns].expand(b, n)], 1),
                 "values": values,
                 "key_padding_mask": kpm,
                 "columns": torch.cat([minus_one, columns.expand(b, n)], 1),
@@ -572,13 +673,15 @@ class Tokenizer:
         idx = torch.arange(n, device=dev).expand(b, n)
         if subsampled:
             cap = self.max_len - 1
+            col_tok = col_tokens[columns]
+            by_tok = torch.argsort(col_tok)  # ties by token id: independent of column order
             if self.subsample == "random":
-                prio = _random_keys(b * n, dev, gen).view(b, n)
-                idx = torch.sort(prio, dim=1, descending=True).indices[:, :cap]
-            else:  # top raw values, ties in column order
-                by_col = torch.argsort(columns)
-                top = torch.sort(raws[:, by_col], dim=1, descending=True, stable=True)
-                idx = by_col[top.indices[:, :cap]]
+                cell = _cell_keys(row, col_tok[j], raw, b)
+                prio = _identity_keys(cell[:, None], col_tok[None, :], self._salt(gen, explicit))
+                top = torch.sort(prio[:, by_tok], dim=1, descending=True, stable=True)
+            else:  # top raw values
+                top = torch.sort(raws[:, by_tok], dim=1, descending=True, stable=True)
+            idx = by_tok[top.indices[:, :cap]]
             idx = torch.sort(idx, dim=1).values
         if self.gene_order == "expression":
             r = torch.gather(raws, 1, idx)
@@ -589,7 +692,7 @@ class Tokenizer:
         cols = columns[idx]
         zero = torch.zeros((b, 1), dtype=torch.float32, device=dev)
         return {
-            "genes": torch.cat([genes, gene_ids[cols]], 1),
+            "genes": torch.cat([genes, col_tokens[cols]], 1),
             "values": torch.cat([zero, torch.gather(vals, 1, idx)], 1),
             "key_padding_mask": torch.zeros((b, idx.shape[1] + 1), dtype=torch.bool, device=dev),
             "columns": torch.cat([minus_one, cols], 1),

@@ -88,10 +88,10 @@ def _resolve_genes(
 ) -> tuple[list[str | None], list[str | None], list[str | None]]:
     """Return the key, unversioned Ensembl ID and symbol (or ``None``) of every row of ``var``.
 
-    ``gene_key`` names the column holding IDs or symbols (default: the index). When the keys are
-    not Ensembl IDs and ``gene_key`` is not given, a recognised ID column (``gene_ids``,
-    ``feature_id``, ...) supplies IDs. Symbols come from ``symbol_key`` or a recognised symbol
-    column, else from the keys that are not Ensembl IDs.
+    ``gene_key`` names the column holding IDs or symbols (default: the index). Rows whose key is
+    no Ensembl ID take their ID from the index or a recognised ID column (``gene_ids``,
+    ``feature_id``, ...) when one holds it. Symbols come from ``symbol_key`` or a recognised
+    symbol column, else from the keys that are not Ensembl IDs.
     """
     if gene_key is not None and gene_key not in var.columns:
         raise KeyError(
@@ -104,13 +104,15 @@ def _resolve_genes(
         )
     keys = [_clean(k) for k in (var[gene_key] if gene_key is not None else var.index)]
     ids = [strip_ensembl_version(k) if k is not None else None for k in keys]
-    if gene_key is None and not any(ids):
-        for col in _ID_COLUMNS:
-            if col in var.columns:
-                col_ids = [strip_ensembl_version(v) if _clean(v) else None for v in var[col]]
-                if any(col_ids):
-                    ids = col_ids
-                    break
+    # IDs anywhere in var are used, also when gene_key names a symbol column: the index first,
+    # then a recognised ID column, for every row whose key is no Ensembl ID.
+    sources = [var.index] if gene_key is not None else []
+    sources += [var[c] for c in _ID_COLUMNS if c in var.columns and c != gene_key]
+    for source in sources:
+        if all(ids):
+            break
+        col_ids = [strip_ensembl_version(v) if _clean(v) else None for v in source]
+        ids = [i if i is not None else c for i, c in zip(ids, col_ids)]
     if symbol_key is None:
         symbol_key = next((c for c in _SYMBOL_COLUMNS if c in var.columns and c != gene_key), None)
     if symbol_key is not None:
@@ -128,22 +130,38 @@ def _resolve_genes(
 class MappingReport:
     """How the columns of a dataset matched a :class:`~scmamba2_scvi.data.GeneVocab`.
 
+    Both sides are measured: how many of the dataset's columns map (``matched_fraction``), and
+    how much of the vocabulary the dataset holds (``coverage``). A superset of the vocabulary
+    has a low ``matched_fraction`` but full ``coverage``; a small subset the reverse.
+
     Attributes
     ----------
     n_genes
         Number of columns in the dataset.
     n_matched
-        Columns that received a token id (duplicates excluded).
+        Columns that received a token id (duplicates included).
     n_by_id
         Matched by unversioned Ensembl ID (or by exact key for symbol-keyed vocabularies).
     n_by_symbol
         Matched by gene symbol (case-insensitive) after the ID lookup failed.
     duplicates
-        Names of columns dropped because an earlier column already took the same token.
+        Names of columns that map to a token an earlier column already has; their counts are
+        summed into one token by :class:`~scmamba2_scvi.data.Tokenizer`.
     n_unmatched
         Columns without a vocabulary entry.
     unmatched
         Up to 20 example names of unmatched columns.
+    n_vocab_genes
+        Gene tokens of the vocabulary.
+    n_vocab_present
+        Vocabulary genes the dataset holds.
+    coverage
+        Share of the vocabulary the dataset holds: weighted by how often each gene is expressed
+        in the vocabulary's training data when the vocabulary records it
+        (:meth:`GeneVocab.record_expression`), else the plain fraction
+        ``n_vocab_present / n_vocab_genes``.
+    coverage_weighted
+        Whether ``coverage`` is expression-weighted.
     """
 
     n_genes: int
@@ -153,6 +171,10 @@ class MappingReport:
     duplicates: list[str] = field(default_factory=list)
     n_unmatched: int = 0
     unmatched: list[str] = field(default_factory=list)
+    n_vocab_genes: int = 0
+    n_vocab_present: int = 0
+    coverage: float = 0.0
+    coverage_weighted: bool = False
 
     @property
     def matched_fraction(self) -> float:
@@ -160,16 +182,19 @@ class MappingReport:
         return self.n_matched / self.n_genes if self.n_genes else 0.0
 
     def __str__(self) -> str:
+        weighted = "expression-weighted " if self.coverage_weighted else ""
         lines = [
             f"Gene mapping: {self.n_matched}/{self.n_genes} columns matched "
             f"({100 * self.matched_fraction:.1f}%): {self.n_by_id} by ID, "
             f"{self.n_by_symbol} by symbol.",
+            f"Vocabulary coverage: {self.n_vocab_present}/{self.n_vocab_genes} vocabulary genes "
+            f"present ({100 * self.coverage:.1f}% {weighted}coverage).",
         ]
         if self.duplicates:
             shown = ", ".join(self.duplicates[:10])
             more = "" if len(self.duplicates) <= 10 else ", ..."
             lines.append(
-                f"{len(self.duplicates)} duplicated column(s) dropped (first column kept): "
+                f"{len(self.duplicates)} duplicated column(s), counts summed into the first: "
                 f"{shown}{more}"
             )
         if self.n_unmatched:
@@ -177,6 +202,47 @@ class MappingReport:
                 f"{self.n_unmatched} unmatched column(s), e.g. {', '.join(self.unmatched[:10])}"
             )
         return "\n".join(lines)
+
+
+def _check_report(
+    report: MappingReport, min_fraction: float, warn_fraction: float, min_coverage: float
+) -> None:
+    """Raise or warn for a mapping whose matched fraction or coverage is too low."""
+    frac = report.matched_fraction
+    fix = (
+        "Check that gene_key/symbol_key name the var columns holding Ensembl IDs or symbols and "
+        "that the species matches"
+    )
+    if frac < min_fraction:
+        raise ValueError(
+            f"Only {100 * frac:.1f}% of the {report.n_genes} genes match the vocabulary "
+            f"(min_fraction={min_fraction}).\n{report}\n{fix}; or lower min_fraction if this is "
+            "intended."
+        )
+    if report.coverage < min_coverage:
+        weighted = "expression-weighted " if report.coverage_weighted else ""
+        raise ValueError(
+            f"The data hold only {report.n_vocab_present} of the vocabulary's "
+            f"{report.n_vocab_genes} genes ({100 * report.coverage:.1f}% {weighted}coverage, "
+            f"below min_gene_fraction={min_coverage}): the model would read these cells with "
+            f"most of its genes missing.\n{report}\n{fix}; or pass a lower min_gene_fraction if "
+            "this is intended."
+        )
+    if frac < warn_fraction:
+        warnings.warn(
+            f"Only {100 * frac:.1f}% of the genes match the vocabulary; unmatched genes are "
+            f"dropped.\n{report}",
+            UserWarning,
+            stacklevel=3,
+        )
+    if report.duplicates:
+        warnings.warn(
+            f"{len(report.duplicates)} column(s) name a gene an earlier column already has "
+            f"(e.g. {', '.join(report.duplicates[:5])}); their counts are summed into one token. "
+            "Rename or drop them first if they are different genes.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 class GeneVocab:
@@ -196,7 +262,7 @@ class GeneVocab:
     Examples
     --------
     >>> vocab = GeneVocab.from_anndata(adata)
-    >>> gene_ids = vocab.map(adata)  # token id per column, -1 when absent
+    >>> column_tokens = vocab.map(adata)  # token id per column, -1 when absent
     """
 
     def __init__(self, genes: Iterable[str] | None = None) -> None:
@@ -212,6 +278,7 @@ class GeneVocab:
         self._chroms: list[str | None] = []
         self._starts: list[int | None] = []
         self._special: list[bool] = []
+        self._frequency: list[float | None] = []
         self._index: dict[str, int] = {}
         self._symbol_index: dict[str, int] = {}
         self.last_report: MappingReport | None = None
@@ -293,6 +360,7 @@ class GeneVocab:
         self._chroms.append(chromosome)
         self._starts.append(start)
         self._special.append(special)
+        self._frequency.append(None)
         self._index[key] = idx
         if symbol is not None:
             self._symbol_index.setdefault(symbol.upper(), idx)
@@ -420,6 +488,58 @@ class GeneVocab:
                 self._starts[idx] = None if pd.isna(start) else int(start)
         return n
 
+    def record_expression(
+        self,
+        adata: AnnData,
+        layer: str | None = None,
+        gene_key: str | None = None,
+        *,
+        chunk: int = 20000,
+    ) -> None:
+        """Record how often each gene is expressed (non-zero) in ``adata``'s cells.
+
+        :meth:`map` then weights the vocabulary coverage it reports and checks by these
+        frequencies, so a query missing rarely expressed genes still covers most of what the
+        model read in training. Saved with :meth:`to_dict`.
+
+        Parameters
+        ----------
+        adata
+            Cells x genes (the vocabulary's training data).
+        layer
+            Layer with the counts; ``None`` uses ``adata.X``.
+        gene_key
+            ``var`` column with IDs or symbols, as in :meth:`map`.
+        chunk
+            Cells read at a time (for backed AnnData).
+        """
+        column_tokens = self.map(adata, gene_key, min_fraction=0.0, warn_fraction=0.0)
+        X = adata.X if layer is None else adata.layers[layer]
+        nnz = np.zeros(adata.n_vars, dtype=np.int64)
+        for start in range(0, adata.n_obs, chunk):
+            block = X[start : start + chunk]
+            nnz += np.asarray((block != 0).sum(0)).ravel().astype(np.int64)
+        per_token = np.zeros(len(self), dtype=np.int64)
+        mapped = column_tokens >= 0
+        np.add.at(per_token, column_tokens[mapped], nnz[mapped])
+        n_cells = max(adata.n_obs, 1)
+        self._frequency = [
+            None if special else float(n) / n_cells
+            for special, n in zip(self._special, per_token.tolist())
+        ]
+
+    @property
+    def expression_frequency(self) -> np.ndarray | None:
+        """Fraction of training cells expressing each gene (order of :attr:`gene_keys`).
+
+        NaN for genes without a record; ``None`` when none was recorded
+        (:meth:`record_expression`).
+        """
+        freq = [f for f, s in zip(self._frequency, self._special) if not s]
+        if all(f is None for f in freq):
+            return None
+        return np.array([np.nan if f is None else f for f in freq], dtype=np.float64)
+
     # ------------------------------------------------------------------ mapping
     def map(
         self,
@@ -429,14 +549,15 @@ class GeneVocab:
         symbol_key: str | None = None,
         min_fraction: float = 0.5,
         warn_fraction: float = 0.9,
+        min_coverage: float = 0.0,
         return_report: bool = False,
     ) -> np.ndarray | tuple[np.ndarray, MappingReport]:
         """Map the columns of a dataset to token ids.
 
         Each column is matched by unversioned Ensembl ID (or exact key) first, then by symbol
-        (case-insensitive). When several columns map to the same token, the first column keeps
-        it and the later ones get -1 (they are listed in ``report.duplicates``): a token must
-        appear once per cell, and silently summing columns would change the counts.
+        (case-insensitive). Several columns mapping to the same token (duplicated genes) all get
+        it, with a warning: :class:`~scmamba2_scvi.data.Tokenizer` sums their counts into one
+        token, so no column is silently dropped.
 
         Parameters
         ----------
@@ -447,16 +568,19 @@ class GeneVocab:
         symbol_key
             ``var`` column with symbols (default: auto-detected, see :meth:`from_anndata`).
         min_fraction
-            Raise a ValueError when fewer than this fraction of columns match.
+            Raise a ValueError when fewer than this fraction of the dataset's columns match.
         warn_fraction
-            Emit a UserWarning when fewer than this fraction of columns match.
+            Emit a UserWarning when fewer than this fraction of the dataset's columns match.
+        min_coverage
+            Raise a ValueError when the dataset holds less than this share of the vocabulary
+            (``report.coverage``: expression-weighted when the vocabulary records expression).
         return_report
             Also return the :class:`MappingReport` (always stored in the ``last_report`` attribute).
 
         Returns
         -------
-        ``np.ndarray`` of int64, shape ``(n_vars,)``: token id per column, -1 when unmatched or
-        duplicated; with ``return_report=True`` a tuple ``(ids, report)``.
+        ``np.ndarray`` of int64, shape ``(n_vars,)``: token id per column, -1 when unmatched; with
+        ``return_report=True`` a tuple ``(column_tokens, report)``.
         """
         var = _var_table(adata)
         keys, ids, symbols = _resolve_genes(var, gene_key, symbol_key)
@@ -476,7 +600,6 @@ class GeneVocab:
                 continue
             if tok in taken:
                 duplicates.append(name)
-                continue
             taken.add(tok)
             out[j] = tok
             n_by_id += by_id
@@ -489,25 +612,30 @@ class GeneVocab:
             duplicates=duplicates,
             n_unmatched=n_unmatched,
             unmatched=unmatched,
+            **self._coverage(np.fromiter(taken, dtype=np.int64, count=len(taken))),
         )
         self.last_report = report
         logger.info("%s", report)
-        frac = report.matched_fraction
-        if frac < min_fraction:
-            raise ValueError(
-                f"Only {100 * frac:.1f}% of the {report.n_genes} genes match the vocabulary "
-                f"(min_fraction={min_fraction}).\n{report}\nCheck that gene_key/symbol_key name "
-                "the columns holding Ensembl IDs or symbols and that the species matches; or "
-                "lower min_fraction if this is intended."
-            )
-        if frac < warn_fraction:
-            warnings.warn(
-                f"Only {100 * frac:.1f}% of the genes match the vocabulary; unmatched genes are "
-                f"dropped.\n{report}",
-                UserWarning,
-                stacklevel=2,
-            )
+        _check_report(report, min_fraction, warn_fraction, min_coverage)
         return (out, report) if return_report else out
+
+    def _coverage(self, present: np.ndarray) -> dict[str, Any]:
+        """``MappingReport`` fields of the vocabulary side for the present token ids."""
+        genes = self.gene_token_ids
+        weights = self.expression_frequency
+        weighted = weights is not None and float(np.nansum(weights)) > 0
+        if weighted:
+            w = np.zeros(len(self))
+            w[genes] = np.nan_to_num(weights)
+            coverage = float(w[present].sum() / w.sum())
+        else:
+            coverage = len(present) / len(genes) if len(genes) else 0.0
+        return {
+            "n_vocab_genes": len(genes),
+            "n_vocab_present": len(present),
+            "coverage": coverage,
+            "coverage_weighted": weighted,
+        }
 
     def _lookup(self, key: str | None, gid: str | None, sym: str | None) -> tuple[int | None, bool]:
         """Return ``(token id or None, matched_by_id)`` for one column."""
@@ -584,13 +712,19 @@ class GeneVocab:
         return np.flatnonzero(~self.is_special).astype(np.int64)
 
     @property
-    def gene_ids(self) -> list[str]:
+    def gene_keys(self) -> list[str]:
         """Gene keys (Ensembl IDs or symbols) in token id order."""
         return [t for t, s in zip(self._tokens, self._special) if not s]
 
     @property
+    def gene_ids(self) -> list[str]:
+        """Deprecated name of :attr:`gene_keys`."""
+        warnings.warn("GeneVocab.gene_ids is renamed gene_keys.", DeprecationWarning, stacklevel=2)
+        return self.gene_keys
+
+    @property
     def symbols(self) -> list[str | None]:
-        """Gene symbols (``None`` when unknown), in the order of :attr:`GeneVocab.gene_ids`."""
+        """Gene symbols (``None`` when unknown), in the order of :attr:`GeneVocab.gene_keys`."""
         return [t for t, s in zip(self._symbols, self._special) if not s]
 
     @property
@@ -615,7 +749,7 @@ class GeneVocab:
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-serialisable dictionary (see :meth:`GeneVocab.from_dict`)."""
-        return {
+        data = {
             "format_version": _FORMAT_VERSION,
             "tokens": list(self._tokens),
             "special": list(self._special),
@@ -623,6 +757,9 @@ class GeneVocab:
             "chromosomes": list(self._chroms),
             "starts": list(self._starts),
         }
+        if any(f is not None for f in self._frequency):  # absent in older saved vocabularies
+            data["expression_frequency"] = list(self._frequency)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GeneVocab:
@@ -638,6 +775,8 @@ class GeneVocab:
             data["tokens"], data["special"], data["symbols"], data["chromosomes"], data["starts"]
         ):
             vocab._append(tok, sym, chrom, start, special=bool(special))
+        if "expression_frequency" in data:
+            vocab._frequency = list(data["expression_frequency"])
         return vocab
 
     def save(self, path: str | PathLike) -> None:

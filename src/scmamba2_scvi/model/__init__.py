@@ -1,5 +1,6 @@
 """scvi-tools model: AnnData in and out, training, save/load, transfer learning, pretraining."""
 
+from ._checksum import verify_weights, write_checksum
 from ._model import PRESETS, SCMamba2, build_module
 from ._pretrain import PretrainPlan, corpus_vocab, latest_checkpoint, pretrain, save_pretrained
 from ._trainingplan import SCMamba2TrainingPlan, param_groups, warmup_cosine
@@ -15,5 +16,7 @@ __all__ = [
     "param_groups",
     "pretrain",
     "save_pretrained",
+    "verify_weights",
     "warmup_cosine",
+    "write_checksum",
 ]

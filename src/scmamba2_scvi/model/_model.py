@@ -31,6 +31,7 @@ from scmamba2_scvi.data import (
 )
 from scmamba2_scvi.module import SCMamba2Module
 
+from ._checksum import verify_weights, write_checksum
 from ._trainingplan import SCMamba2TrainingPlan
 from ._utils import check_keywords
 
@@ -178,6 +179,67 @@ def _torch_device(accelerator: str, device: int | str) -> torch.device:
     return torch.device(accelerator, int(device))
 
 
+def _check_count_arg(name: str, value: Any, *, none_ok: bool = True) -> None:
+    """Raise a ValueError naming ``name`` unless ``value`` is a positive integer (or None)."""
+    if value is None and none_ok:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def _check_train_args(
+    max_epochs: Any, max_steps: Any, batch_size: Any, plan_kwargs: dict | None
+) -> None:
+    """Arguments of :meth:`SCMamba2.train` that would train nothing or fail deep inside."""
+    _check_count_arg("max_epochs", max_epochs)
+    _check_count_arg("max_steps", max_steps)
+    _check_count_arg("batch_size", batch_size, none_ok=False)
+    lr = (plan_kwargs or {}).get("lr")
+    if lr is not None and not (isinstance(lr, int | float) and np.isfinite(lr) and lr > 0):
+        raise ValueError(f"plan_kwargs['lr'] must be a positive number, got {lr!r}.")
+
+
+def _check_obs_column(adata: AnnData, key: str | None, arg: str, fill: str) -> None:
+    """Refuse NaN in a categorical ``obs`` column before scvi-tools turns it into codes."""
+    if key is None:
+        return
+    n_nan = int(adata.obs[key].isna().sum())
+    if n_nan:
+        raise ValueError(
+            f"adata.obs[{key!r}] ({arg}) has {n_nan} NaN value(s). Fill them, e.g. "
+            f"adata.obs[{key!r}] = adata.obs[{key!r}].astype(str).replace('nan', {fill!r}), "
+            "or drop those cells before setup_anndata."
+        )
+
+
+def _check_label_categories(categories: list[str], labels_key: str, unlabeled: str) -> None:
+    """A classifier needs two classes at least."""
+    if not categories:
+        raise ValueError(
+            f"Every label in adata.obs[{labels_key!r}] is the unlabeled category {unlabeled!r}: "
+            "the classifier has no class to learn. Set up with labels_key=None for a model "
+            "without classifier, or label some cells."
+        )
+    if len(categories) == 1:
+        warnings.warn(
+            f"adata.obs[{labels_key!r}] has one label class ({categories[0]!r}): the classifier "
+            "will predict it for every cell with probability 1. Add cells of other types, or "
+            "set up with labels_key=None.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _check_saved_folder(folder: Path, prefix: str | None) -> None:
+    """A saved model's folder exists and holds intact weights (checksum when saved with one)."""
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"The model folder {folder} does not exist. Pass the folder a model was saved to "
+            "(model.save(path), or the --out folder of scmamba2 finetune / pretrain)."
+        )
+    verify_weights(folder / f"{prefix or ''}model.pt")
+
+
 def build_module(
     n_vocab: int, n_batch: int, n_labels: int, params: dict[str, Any]
 ) -> tuple[SCMamba2Module, dict[str, Any]]:
@@ -241,7 +303,10 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         How a cell becomes a sequence, see :class:`~scmamba2_scvi.data.Tokenizer`. Default:
         expressed genes in vocabulary order, at most 2,048 tokens, quantile-binned values.
     min_gene_fraction
-        Fewest fraction of an AnnData's genes that must map to the vocabulary.
+        Least share of the model's vocabulary an AnnData must hold (``MappingReport.coverage``):
+        weighted by how often each gene is expressed in the training data, so missing rarely
+        expressed genes costs little. A superset of the vocabulary passes; a dataset holding
+        few of the model's genes is refused. Can also be passed to each inference method.
     vocab
         Gene vocabulary (a :class:`~scmamba2_scvi.data.GeneVocab` or its ``to_dict()``); default:
         built from ``adata``. Saved with the model, so other data can be mapped onto it.
@@ -305,6 +370,7 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         setup = self.adata_manager.registry["setup_args"]
         if vocab is None:
             vocab = GeneVocab.from_anndata(adata, gene_key=setup.get("gene_key"))
+            vocab.record_expression(adata, setup.get("layer"), setup.get("gene_key"))
         elif isinstance(vocab, dict):
             vocab = GeneVocab.from_dict(vocab)
         self.vocab = vocab
@@ -312,6 +378,10 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
             batch_categories = self._registry_categories(REGISTRY_KEYS.BATCH_KEY, "batch_key")
         if label_categories is None:
             label_categories = self._registry_categories(REGISTRY_KEYS.LABELS_KEY, "labels_key")
+            if setup.get("labels_key") is not None:
+                _check_label_categories(
+                    label_categories, setup["labels_key"], setup.get("unlabeled_category")
+                )
         self.batch_categories = [str(c) for c in batch_categories]
         self.label_categories = [str(c) for c in label_categories]
         self.tokenizer_kwargs = {
@@ -403,13 +473,23 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
                     f"{key!r} is not a column of adata.{what} "
                     f"(columns: {list(table.columns)[:20]})."
                 )
+        _check_obs_column(adata, batch_key, "batch_key", "unknown")
+        _check_obs_column(adata, labels_key, "labels_key", unlabeled_category)
         X = _matrix(adata, layer)
         _validate_counts(
             X, "adata.X" if layer is None else f"adata.layers[{layer!r}]", check_counts
         )
         fields = _fields(layer, batch_key, labels_key, unlabeled_category, check_counts)
         adata_manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
-        adata_manager.register_fields(adata, **kwargs)
+        obs_before, uns_before = set(adata.obs.columns), set(adata.uns)
+        try:
+            adata_manager.register_fields(adata, **kwargs)
+        except Exception:
+            # a failed setup leaves the AnnData as it was: no half-written _scvi_* keys
+            adata.obs.drop(columns=list(set(adata.obs.columns) - obs_before), inplace=True)
+            for key in set(adata.uns) - uns_before:
+                del adata.uns[key]
+            raise
         cls.register_manager(adata_manager)
 
     def _registry_categories(self, registry_key: str, setup_key: str) -> list[str]:
@@ -419,27 +499,49 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         unlabeled = state.get("unlabeled_category")
         return [str(c) for c in state.categorical_mapping if c != unlabeled]
 
-    def _gene_tokens(self, adata: AnnData, *, report: bool = False) -> tuple[np.ndarray, Any]:
-        """Vocabulary token of each of ``adata``'s genes (-1: not in it) and the mapping report."""
+    def _gene_tokens(
+        self, adata: AnnData, *, report: bool = False, min_gene_fraction: float | None = None
+    ) -> tuple[np.ndarray, Any]:
+        """Vocabulary token of each of ``adata``'s genes (-1: not in it) and the mapping report.
+
+        Raises when the genes cover less than ``min_gene_fraction`` (default: the model's) of
+        the vocabulary.
+        """
         gene_key = self.adata_manager.registry["setup_args"].get("gene_key")
         if gene_key is not None and gene_key not in adata.var.columns:
             gene_key = None
-        ids, rep = self.vocab.map(
-            adata, gene_key, min_fraction=self.min_gene_fraction, return_report=True
+        if min_gene_fraction is None:
+            min_gene_fraction = self.min_gene_fraction
+        column_tokens, rep = self.vocab.map(
+            adata,
+            gene_key,
+            min_fraction=0.0,
+            warn_fraction=0.0,
+            min_coverage=min_gene_fraction,
+            return_report=True,
         )
         if report:
             logger.info("Gene mapping onto the model's vocabulary:\n%s", rep)
-        return np.asarray(ids), rep
+        return np.asarray(column_tokens), rep
 
     def _collate(
-        self, adata: AnnData, *, training: bool, batch_key: str | None = None
+        self,
+        adata: AnnData,
+        *,
+        training: bool,
+        batch_key: str | None = None,
+        min_gene_fraction: float | None = None,
     ) -> TokenCollate:
         """The loader's tokenizing step for ``adata``'s genes (masked for training).
 
         Codes count only where a column was registered (``batch_key`` for another AnnData than
         the model's); scvi-tools' default field gives every cell code 0, read as unknown.
         """
-        ids, _ = self._gene_tokens(adata, report=training is False and adata is not self.adata)
+        ids, _ = self._gene_tokens(
+            adata,
+            report=training is False and adata is not self.adata,
+            min_gene_fraction=min_gene_fraction,
+        )
         setup = self.adata_manager.registry["setup_args"]
         if adata is self.adata:
             batch_key = setup.get("batch_key")
@@ -500,6 +602,7 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
             Passed to the Lightning trainer. Defaults: ``gradient_clip_val=1.0``, and
             ``precision="bf16-mixed"`` on CUDA, validation every epoch.
         """
+        _check_train_args(max_epochs, max_steps, batch_size, plan_kwargs)
         if max_epochs is None:
             max_epochs = int(np.clip(20000 // max(1, self.adata.n_obs), 5, 50))
         if max_steps is not None:
@@ -517,7 +620,8 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         }
         if self.history_ is None:  # weights given by load_query_data: the history starts here
             self.is_trained_ = False
-        return super().train(
+        was_trained = self.is_trained_
+        result = super().train(
             max_epochs=max_epochs,
             accelerator=accelerator,
             devices=devices,
@@ -530,6 +634,14 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
             datasplitter_kwargs=datasplitter_kwargs,
             **trainer_kwargs,
         )
+        self._mark_trained(was_trained)
+        return result
+
+    def _mark_trained(self, was_trained: bool) -> None:
+        """``is_trained_`` only for a model that took an optimizer step (now or before)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.global_step == 0:
+            self.is_trained_ = was_trained
 
     # ------------------------------------------------------------------ inference
     def _inference_manager(self, adata: AnnData) -> tuple[AnnDataManager, str | None]:
@@ -568,17 +680,19 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         token_budget: int | None,
         progress_bar: bool | None,
         desc: str,
+        min_gene_fraction: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Cell embeddings (and classifier logits) of ``adata``'s cells, in ``indices`` order."""
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        _check_count_arg("batch_size", batch_size)
         self._check_if_trained(warn=True)
         self.module.eval()
         adata = self.adata if adata is None else adata
         manager, batch_key = self._inference_manager(adata)
         loader = TokenDataLoader(
             manager,
-            self._collate(adata, training=False, batch_key=batch_key),
+            self._collate(
+                adata, training=False, batch_key=batch_key, min_gene_fraction=min_gene_fraction
+            ),
             indices=indices,
             batch_size=batch_size or 128,
             token_budget=token_budget,
@@ -608,6 +722,7 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         batch_size: int | None = None,
         token_budget: int | None = None,
         progress_bar: bool | None = None,
+        min_gene_fraction: float | None = None,
     ) -> np.ndarray:
         """Cell embeddings, deterministic in eval mode.
 
@@ -630,12 +745,17 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
             Show a progress bar; default: when there is more than one minibatch and
             ``scvi.settings.verbosity`` is at most ``logging.INFO`` (its style is
             ``scvi.settings.progress_bar_style``).
+        min_gene_fraction
+            Least share of the vocabulary ``adata`` must hold (see :class:`SCMamba2`); default:
+            the model's.
 
         Returns
         -------
         ``(n_cells, d_model)`` array.
         """
-        z, _ = self._embed(adata, indices, batch_size, token_budget, progress_bar, "embedding")
+        z, _ = self._embed(
+            adata, indices, batch_size, token_budget, progress_bar, "embedding", min_gene_fraction
+        )
         return z.numpy()
 
     def predict(
@@ -646,12 +766,13 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         batch_size: int | None = None,
         token_budget: int | None = None,
         progress_bar: bool | None = None,
+        min_gene_fraction: float | None = None,
     ) -> np.ndarray | pd.DataFrame:
         """Cell-type predictions of the classifier head.
 
         Parameters
         ----------
-        adata, indices, batch_size, token_budget, progress_bar
+        adata, indices, batch_size, token_budget, progress_bar, min_gene_fraction
             As in :meth:`get_latent_representation`.
         soft
             Return class probabilities instead of labels.
@@ -668,7 +789,7 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
             )
         adata_ = self.adata if adata is None else adata
         _, logits = self._embed(
-            adata, indices, batch_size, token_budget, progress_bar, "predicting"
+            adata, indices, batch_size, token_budget, progress_bar, "predicting", min_gene_fraction
         )
         probs = torch.softmax(logits, -1).numpy()
         if soft:
@@ -685,6 +806,7 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         return_numpy: bool = False,
         token_budget: int | None = None,
         progress_bar: bool | None = None,
+        min_gene_fraction: float | None = None,
     ) -> pd.DataFrame | np.ndarray:
         """Expression of each gene predicted from the cell embedding (the GEPC head).
 
@@ -693,7 +815,7 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
 
         Parameters
         ----------
-        adata, indices, batch_size, token_budget, progress_bar
+        adata, indices, batch_size, token_budget, progress_bar, min_gene_fraction
             As in :meth:`get_latent_representation`.
         genes
             ``var_names`` of ``adata`` to predict; default all genes in the vocabulary.
@@ -705,7 +827,7 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         Cells x genes predictions.
         """
         adata_ = self.adata if adata is None else adata
-        ids, _ = self._gene_tokens(adata_)
+        ids, _ = self._gene_tokens(adata_, min_gene_fraction=min_gene_fraction)
         names = adata_.var_names
         if genes is None:
             cols = np.flatnonzero(ids >= 0)
@@ -718,7 +840,15 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
             if unmapped:
                 raise KeyError(f"Genes not in the model's vocabulary: {unmapped}.")
             cols = pos
-        z, _ = self._embed(adata, indices, batch_size, token_budget, progress_bar, "reconstructing")
+        z, _ = self._embed(
+            adata,
+            indices,
+            batch_size,
+            token_budget,
+            progress_bar,
+            "reconstructing",
+            min_gene_fraction,
+        )
         with torch.inference_mode():
             pred = (
                 self.module.predict_genes(
@@ -732,6 +862,87 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
             return pred
         obs = adata_.obs_names if indices is None else adata_.obs_names[np.asarray(indices)]
         return pd.DataFrame(pred, index=obs, columns=names[cols])
+
+    # ------------------------------------------------------------------ save / load
+    def save(
+        self,
+        dir_path: str | Path,
+        prefix: str | None = None,
+        overwrite: bool = False,
+        save_anndata: bool = False,
+        **kwargs,
+    ) -> None:
+        """Save the model with scvi-tools' layout, plus a checksum of the weights.
+
+        Parameters
+        ----------
+        dir_path
+            Folder to write (``model.pt``, its checksum ``model.pt.sha256``, optionally the
+            AnnData).
+        prefix, overwrite, save_anndata, **kwargs
+            As in :meth:`scvi.model.base.BaseModelClass.save`.
+        """
+        super().save(
+            str(dir_path), prefix=prefix, overwrite=overwrite, save_anndata=save_anndata, **kwargs
+        )
+        write_checksum(Path(dir_path) / f"{prefix or ''}model.pt")
+
+    @classmethod
+    def load(
+        cls,
+        dir_path: str | Path,
+        adata: AnnData | None = None,
+        accelerator: str = "auto",
+        device: int | str = "auto",
+        prefix: str | None = None,
+        backup_url: str | None = None,
+        **kwargs,
+    ) -> SCMamba2:
+        """Load a model saved by :meth:`save`, after checking its weights file.
+
+        Parameters
+        ----------
+        dir_path
+            Folder the model was saved to.
+        adata
+            The AnnData the model was trained on (same genes in the same order); for other data
+            use :meth:`load_query_data`.
+        accelerator, device, prefix, backup_url, **kwargs
+            As in :meth:`scvi.model.base.BaseModelClass.load`.
+
+        Returns
+        -------
+        The model.
+
+        Raises
+        ------
+        FileNotFoundError
+            When the folder or its ``model.pt`` is missing.
+        ValueError
+            When ``model.pt`` is empty, truncated, corrupt or fails its checksum, or when
+            ``adata`` has other genes than the training data.
+        """
+        if backup_url is None:
+            _check_saved_folder(Path(dir_path), prefix)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="`var_names` for the loaded", append=False)
+            try:
+                return super().load(
+                    str(dir_path),
+                    adata=adata,
+                    accelerator=accelerator,
+                    device=device,
+                    prefix=prefix,
+                    backup_url=backup_url,
+                    **kwargs,
+                )
+            except UserWarning as e:
+                raise ValueError(
+                    f"The AnnData's genes (var_names) differ from those the model in {dir_path} "
+                    "was trained on. load() needs the training data's genes in the same order; "
+                    "for other data use SCMamba2.load_query_data(adata, reference) (or "
+                    "from_pretrained for a pretrained model)."
+                ) from e
 
     # ------------------------------------------------------------------ transfer learning
     @classmethod
@@ -781,6 +992,7 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
             init = reference.init_params_
             state = {k: v.detach().cpu() for k, v in reference.module.state_dict().items()}
         else:
+            _check_saved_folder(Path(reference), None)
             registry, init, state = _read_saved(reference)
         if registry.get("model_name", cls.__name__) != cls.__name__:
             raise ValueError(f"{reference} is not a saved {cls.__name__} model.")

@@ -271,7 +271,7 @@ def save_pretrained(
     torch.save(
         {
             "model_state_dict": state,
-            "var_names": np.asarray(vocab.gene_ids, dtype=object),
+            "var_names": np.asarray(vocab.gene_keys, dtype=object),
             "attr_dict": attr_dict,
         },
         path / "model.pt",

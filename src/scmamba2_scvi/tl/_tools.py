@@ -18,6 +18,7 @@ def embed(
     *,
     key_added: str = "X_scmamba2",
     batch_size: int | None = None,
+    min_gene_fraction: float | None = None,
     copy: bool = False,
 ) -> AnnData | None:
     """Cell embeddings of ``model`` for ``adata``.
@@ -35,6 +36,9 @@ def embed(
         ``obsm`` key of the embedding.
     batch_size
         Cells per minibatch.
+    min_gene_fraction
+        Least share of the model's vocabulary ``adata`` must hold (expression-weighted, see
+        :class:`~scmamba2_scvi.SCMamba2`); default: the model's.
     copy
         Return a modified copy instead of writing into ``adata``.
 
@@ -46,7 +50,9 @@ def embed(
         ``(n_obs, d_model)`` embeddings.
     """
     adata = adata.copy() if copy else adata
-    adata.obsm[key_added] = model.get_latent_representation(adata, batch_size=batch_size)
+    adata.obsm[key_added] = model.get_latent_representation(
+        adata, batch_size=batch_size, min_gene_fraction=min_gene_fraction
+    )
     return adata if copy else None
 
 
@@ -56,6 +62,7 @@ def annotate(
     *,
     key_added: str = "scmamba2_label",
     batch_size: int | None = None,
+    min_gene_fraction: float | None = None,
     copy: bool = False,
 ) -> AnnData | None:
     """Predict cell types with the model's classifier.
@@ -70,6 +77,9 @@ def annotate(
         Prefix of the keys written.
     batch_size
         Cells per minibatch.
+    min_gene_fraction
+        Least share of the model's vocabulary ``adata`` must hold (expression-weighted, see
+        :class:`~scmamba2_scvi.SCMamba2`); default: the model's.
     copy
         Return a modified copy instead of writing into ``adata``.
 
@@ -85,7 +95,9 @@ def annotate(
         DataFrame of probabilities, cells x label categories.
     """
     adata = adata.copy() if copy else adata
-    probs = model.predict(adata, soft=True, batch_size=batch_size)
+    probs = model.predict(
+        adata, soft=True, batch_size=batch_size, min_gene_fraction=min_gene_fraction
+    )
     probs.index = adata.obs_names
     categories = list(probs.columns)
     best = probs.to_numpy().argmax(1)
@@ -101,6 +113,7 @@ def reconstruct(
     *,
     layer_added: str = "scmamba2_reconstructed",
     batch_size: int | None = None,
+    min_gene_fraction: float | None = None,
     copy: bool = False,
 ) -> AnnData | None:
     """Expression of every gene predicted from each cell's embedding (denoised / imputed).
@@ -118,6 +131,9 @@ def reconstruct(
         Layer written.
     batch_size
         Cells per minibatch.
+    min_gene_fraction
+        Least share of the model's vocabulary ``adata`` must hold (expression-weighted, see
+        :class:`~scmamba2_scvi.SCMamba2`); default: the model's.
     copy
         Return a modified copy instead of writing into ``adata``.
 
@@ -129,7 +145,9 @@ def reconstruct(
         Dense float32 ``(n_obs, n_vars)``; NaN for genes absent from the model's vocabulary.
     """
     adata = adata.copy() if copy else adata
-    pred = model.get_reconstructed_expression(adata, batch_size=batch_size)
+    pred = model.get_reconstructed_expression(
+        adata, batch_size=batch_size, min_gene_fraction=min_gene_fraction
+    )
     out = np.full(adata.shape, np.nan, dtype=np.float32)
     out[:, adata.var_names.get_indexer(pred.columns)] = pred.to_numpy(dtype=np.float32)
     adata.layers[layer_added] = out
