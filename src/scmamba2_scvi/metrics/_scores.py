@@ -1,9 +1,9 @@
 """scIB scores of an embedding with scib-metrics' definitions, in NumPy (no jax).
 
 Each score follows scib-metrics 0.5 (``scib_metrics.<name>``, same defaults and rescaling); the
-tests compare them with it on the same neighbours. The one deliberate difference: k-means is
-scikit-learn's (10 restarts) rather than scib-metrics' jax k-means, so NMI/ARI can differ by the
-clustering's randomness.
+tests compare them with it on the same neighbours. Deliberate differences: neighbours are exact
+(scib-metrics' ``Benchmarker`` uses pynndescent), and k-means is scikit-learn's (10 restarts)
+rather than scib-metrics' jax k-means, so NMI/ARI can differ by the clustering's randomness.
 """
 
 from __future__ import annotations
