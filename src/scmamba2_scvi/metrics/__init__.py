@@ -1,12 +1,30 @@
-"""scIB-style scores of embeddings (arrays in, numbers out)."""
+"""scIB scores of embeddings with scib-metrics' definitions (arrays in, numbers out; no jax)."""
 
+from ._neighbors import Neighbors, neighbors
 from ._scores import (
-    batch_asw,
+    bras,
+    clisi,
     graph_connectivity,
     ilisi,
     integration_scores,
-    label_asw,
+    isolated_labels,
+    kbet_per_label,
     nmi_ari,
+    pcr_comparison,
+    silhouette_label,
 )
 
-__all__ = ["batch_asw", "graph_connectivity", "ilisi", "integration_scores", "label_asw", "nmi_ari"]
+__all__ = [
+    "Neighbors",
+    "bras",
+    "clisi",
+    "graph_connectivity",
+    "ilisi",
+    "integration_scores",
+    "isolated_labels",
+    "kbet_per_label",
+    "neighbors",
+    "nmi_ari",
+    "pcr_comparison",
+    "silhouette_label",
+]
