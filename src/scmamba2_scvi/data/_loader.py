@@ -7,6 +7,7 @@ codes) into the token dictionary the module reads. Training, inference and
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -187,7 +188,10 @@ class _Minibatches(Dataset):
         seed, positions = item
         rows = self.indices[positions]
         order = np.argsort(rows, kind="stable")  # backed AnnData reads rows in ascending order
-        return seed, positions[order], self.dataset[rows[order].tolist()]
+        with warnings.catch_warnings():  # torch's "beta" notice on each CSR tensor built
+            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+            tensors = self.dataset[rows[order].tolist()]
+        return seed, positions[order], tensors
 
 
 class TokenDataLoader(DataLoader):
