@@ -713,3 +713,98 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         model.is_trained_ = True
         logger.info("Query genes on the reference vocabulary:\n%s", model.gene_report_)
         return model
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        adata: AnnData,
+        *,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        labels_key: str | None = None,
+        gene_key: str | None = None,
+        min_gene_fraction: float | None = None,
+        accelerator: str = "auto",
+        device: int | str = "auto",
+    ) -> SCMamba2:
+        """Put a pretrained backbone (the model folder ``pretrain`` wrote) onto data.
+
+        The data's genes are mapped onto the backbone's vocabulary (another order, a subset or a
+        superset are fine; a coverage report is logged), as in :meth:`load_query_data`. The
+        folder's layout is described in :func:`~scmamba2_scvi.model.save_pretrained`.
+
+        Parameters
+        ----------
+        path
+            The pretrained-model folder (``out_dir/model`` of ``pretrain``).
+        adata
+            Cells to embed or fine-tune on (set up here).
+        layer
+            Layer holding raw counts; ``None`` uses ``adata.X``.
+        batch_key, labels_key
+            ``obs`` columns of batches and cell types: new batch heads and a new classifier,
+            untrained until you :meth:`train`.
+        gene_key
+            ``var`` column with gene IDs or symbols; default ``var_names``.
+        min_gene_fraction
+            Fewest fraction of the genes that must map to the vocabulary.
+        accelerator, device
+            Where to put the model.
+
+        Returns
+        -------
+        An :class:`SCMamba2` on ``adata`` with the pretrained weights.
+        """
+        from ._pretrained import from_pretrained
+
+        return from_pretrained(
+            cls,
+            path,
+            adata,
+            layer=layer,
+            batch_key=batch_key,
+            labels_key=labels_key,
+            gene_key=gene_key,
+            min_gene_fraction=min_gene_fraction,
+            accelerator=accelerator,
+            device=device,
+        )
+
+    @classmethod
+    def load(
+        cls,
+        dir_path: str,
+        adata: AnnData | None = None,
+        accelerator: str = "auto",
+        device: int | str = "auto",
+        **kwargs,
+    ) -> SCMamba2:
+        """Load a saved model, or put a pretrained-model folder onto ``adata``.
+
+        A folder written by :func:`~scmamba2_scvi.model.pretrain`, given an AnnData, goes to
+        :meth:`from_pretrained`; anything else to scvi-tools'
+        :meth:`~scvi.model.base.BaseModelClass.load`. So
+        ``scvi.hub.HubModel(folder).load_model(adata=...)`` maps data with other genes onto a
+        pretrained backbone.
+
+        Parameters
+        ----------
+        dir_path
+            The folder of :meth:`save`, or of :func:`~scmamba2_scvi.model.pretrain`'s model.
+        adata
+            The data to load the model onto (see scvi-tools' ``load``).
+        accelerator, device
+            Where to put the model.
+        **kwargs
+            Other arguments of scvi-tools' ``load``.
+
+        Returns
+        -------
+        The model.
+        """
+        from ._pretrained import is_pretrained
+
+        if adata is not None and is_pretrained(dir_path):
+            return cls.from_pretrained(dir_path, adata, accelerator=accelerator, device=device)
+        return super().load(dir_path, adata=adata, accelerator=accelerator, device=device, **kwargs)
