@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 
 def _finish(axes: Any, name: str, show: bool | None, save: str | Path | bool | None) -> Any:
-    """Save and show as scanpy's plots do; return the axes unless the figure was shown."""
+    """Save, then show (by default only a figure not saved); return the axes unless shown."""
     import scanpy as sc
 
     fig = (axes[0] if isinstance(axes, list) else axes).figure
@@ -26,7 +26,7 @@ def _finish(axes: Any, name: str, show: bool | None, save: str | Path | bool | N
     if save:
         Path(save).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(save, dpi=150, bbox_inches="tight")
-    if sc.settings.autoshow if show is None else show:
+    if (sc.settings.autoshow and not save) if show is None else show:
         plt.show()
         return None
     return axes
@@ -52,7 +52,7 @@ def history(
     ax
         Axes to draw into, one per metric; default: a new figure.
     show
-        Show the figure; default ``scanpy.settings.autoshow``.
+        Show the figure; default: when ``scanpy.settings.autoshow`` is on and it is not saved.
     save
         Path to save the figure to (``True``: ``scmamba2_history`` in ``scanpy.settings.figdir``,
         as scanpy).
@@ -116,7 +116,7 @@ def confusion(
     ax
         Axes to draw into; default: a new figure.
     show
-        Show the figure; default ``scanpy.settings.autoshow``.
+        Show the figure; default: when ``scanpy.settings.autoshow`` is on and it is not saved.
     save
         Path to save the figure to (``True``: ``scmamba2_confusion`` in ``scanpy.settings.figdir``,
         as scanpy).
@@ -160,7 +160,8 @@ def confusion(
 
 def _graph_on(adata: AnnData, use_rep: str, n_neighbors: int) -> str | None:
     """``uns`` key of a neighbour graph of ``adata`` built on ``use_rep`` with ``n_neighbors``."""
-    for key, entry in adata.uns.items():
+    for key in sorted(adata.uns, key=lambda k: k != "neighbors"):  # scanpy's default first
+        entry = adata.uns[key]
         if not isinstance(entry, dict) or not isinstance(entry.get("params"), dict):
             continue
         params = entry["params"]
@@ -210,7 +211,7 @@ def umap(
     ax
         Axes to draw into (one ``color`` only); default: a new figure.
     show
-        Show the figure; default ``scanpy.settings.autoshow``.
+        Show the figure; default: when ``scanpy.settings.autoshow`` is on and it is not saved.
     save
         Path to save the figure to (``True``: ``scmamba2_umap`` in ``scanpy.settings.figdir``,
         as scanpy).
