@@ -154,6 +154,31 @@ def _model_card(config: dict[str, Any]) -> str:
     """The model card: Hugging Face front matter (as scvi-hub's cards) and a description."""
     params = ", ".join(f"`{k}={v!r}`" for k, v in config["params"].items())
     training = "\n".join(f"- {k}: {v}" for k, v in config["training"].items()) or "- not recorded"
+    # one line per paragraph: scvi-hub prints the card with rich, which keeps line breaks
+    about = " ".join(
+        [
+            "A bidirectional Mamba2 single-cell model pretrained by masked expression modelling",
+            "with [scmamba2-scvi](https://github.com/scmamba2/scmamba2-scvi)",
+            "(`scmamba2_scvi.model.pretrain`). It has no cell-type classifier or batch heads:",
+            "they are added for your data when you load it.",
+        ]
+    )
+    use = " ".join(
+        [
+            "Your genes are mapped onto the vocabulary (Ensembl IDs, then symbols; any order,",
+            "subset or superset); a coverage report is logged. Pass `labels_key=` (or",
+            "`batch_key=`) to add new heads and fine-tune with `model.train()`. With scvi-hub,",
+            'offline: `scvi.hub.HubModel("path/to/this/folder").load_model(adata=adata)`',
+            "(counts in `adata.X`).",
+        ]
+    )
+    files = " ".join(
+        [
+            "`model.pt` (weights, scvi-tools' save format), `config.json` (arguments and",
+            "training), `vocab.json` (gene vocabulary), `_scvi_required_metadata.json`",
+            "(scvi-hub), this `README.md`.",
+        ]
+    )
     return f"""---
 library_name: scvi-tools
 tags:
@@ -168,9 +193,7 @@ tags:
 
 # SC-MAMBA2 pretrained backbone
 
-A bidirectional Mamba2 single-cell model pretrained by masked expression modelling with
-[scmamba2-scvi](https://github.com/scmamba2/scmamba2-scvi) (`scmamba2_scvi.model.pretrain`).
-It has no cell-type classifier or batch heads: they are added for your data when you load it.
+{about}
 
 - Architecture: {params}
 - {config["n_parameters"] / 1e6:.2f}M parameters; vocabulary of {config["n_genes"]} genes
@@ -189,15 +212,11 @@ model = sm.SCMamba2.from_pretrained("path/to/this/folder", adata, layer="counts"
 adata.obsm["X_scmamba2"] = model.get_latent_representation()
 ```
 
-Your genes are mapped onto the vocabulary (Ensembl IDs, then symbols; any order, subset or
-superset); a coverage report is logged. Pass `labels_key=` (or `batch_key=`) to add new heads
-and fine-tune with `model.train()`. With scvi-hub, offline:
-`scvi.hub.HubModel("path/to/this/folder").load_model(adata=adata)` (counts in `adata.X`).
+{use}
 
 ## Files
 
-`model.pt` (weights, scvi-tools' save format), `config.json` (arguments and training),
-`vocab.json` (gene vocabulary), `_scvi_required_metadata.json` (scvi-hub), this `README.md`.
+{files}
 """
 
 
