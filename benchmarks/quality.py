@@ -108,7 +108,7 @@ def annotation(args) -> dict:
     from sklearn.model_selection import train_test_split
 
     from scmamba2_scvi import SCMamba2
-    from scmamba2_scvi.cli import lr_pca_baseline
+    from scmamba2_scvi.baselines import lr_pca_baseline
 
     adata = hvg(load("pbmc3k_10x_labeled.h5ad"))
     key = "cell_type"

@@ -98,7 +98,18 @@ html_theme_options = {
 # -- Every public name is documented -----------------------------------------------------------
 # Every name in a subpackage's ``__all__`` must be listed in api.md, or the build warns (and so
 # fails under -W).
-_SUBPACKAGES = ["model", "module", "nn", "ops", "data", "tl", "pl", "metrics", "datasets"]
+_SUBPACKAGES = [
+    "model",
+    "module",
+    "nn",
+    "ops",
+    "data",
+    "tl",
+    "pl",
+    "metrics",
+    "datasets",
+    "baselines",
+]
 
 
 def _public_names(sub: str) -> list[str]:

@@ -14,7 +14,7 @@ from scmamba2_scvi.data import (
     H5adShardCorpus,
     SomaCorpus,
     Tokenizer,
-    corpus_dataloader,
+    TokenStream,
 )
 
 
@@ -69,7 +69,7 @@ def test_anndata_corpus_dense_sparse_backed(pbmc, vocab, tmp_path):
     pbmc.write_h5ad(path)
     backed = ad.read_h5ad(path, backed="r")
     for adata in (pbmc, dense, backed):
-        X, index, names = collect(AnnDataCorpus(adata, vocab, block_size=128, shuffle=True))
+        X, index, names = collect(AnnDataCorpus(adata, vocab, cells_per_block=128, shuffle=True))
         np.testing.assert_array_equal(X, expected)
         np.testing.assert_array_equal(index, np.arange(pbmc.n_obs))
         np.testing.assert_array_equal(names, pbmc.obs_names)
@@ -86,7 +86,7 @@ def test_h5ad_shards_with_different_genes(pbmc, vocab, tmp_path):
         if k:  # genes dropped from a shard must read as zeros
             dropped = vocab.map(part.var_names.delete(perm))
             expected[bounds[k] : bounds[k + 1]][:, dropped] = 0
-    corpus = H5adShardCorpus(tmp_path, vocab, block_size=100)
+    corpus = H5adShardCorpus(tmp_path, vocab, cells_per_block=100)
     assert corpus.n_cells == pbmc.n_obs and len(corpus.paths) == 3
     X, _index, names = collect(corpus)
     np.testing.assert_array_equal(X, expected)
@@ -101,7 +101,7 @@ def test_soma_matches_in_memory(pbmc, vocab, tmp_path):
     soma_io = pytest.importorskip("tiledbsoma.io")
     uri = str(tmp_path / "soma")
     soma_io.from_anndata(uri, pbmc, measurement_name="RNA")
-    corpus = SomaCorpus(uri, vocab, layer="data", block_size=200, shuffle=True, seed=3)
+    corpus = SomaCorpus(uri, vocab, layer="data", cells_per_block=200, shuffle=True, seed=3)
     X, _index, names = collect(corpus)
     np.testing.assert_array_equal(X, expected_vocab_matrix(pbmc, vocab))
     np.testing.assert_array_equal(names, pbmc.obs_names)
@@ -121,21 +121,21 @@ def test_two_ranks_two_workers_partition(pbmc, vocab, shuffle):
     seen = []
     for rank in range(2):
         corpus = AnnDataCorpus(
-            pbmc, vocab, block_size=64, shuffle=shuffle, seed=1, rank=rank, world_size=2
+            pbmc, vocab, cells_per_block=64, shuffle=shuffle, seed=1, rank=rank, world_size=2
         )
         corpus.set_epoch(4)
-        tok = Tokenizer.from_vocab(vocab, max_len=64)
-        loader = corpus_dataloader(corpus, tok, batch_size=50, num_workers=2)
-        for batch in loader:
-            assert batch["genes"].shape[0] <= 50
-            seen.append(batch["obs_index"].numpy())
+        # each DataLoader worker iterates the corpus and keeps only its own blocks
+        loader = torch.utils.data.DataLoader(corpus, batch_size=None, num_workers=2)
+        for block in loader:
+            assert block["X"].shape[0] <= 64
+            seen.append(block["obs_index"].numpy())
     seen = np.concatenate(seen)
     assert len(seen) == pbmc.n_obs  # disjoint ...
     np.testing.assert_array_equal(np.sort(seen), np.arange(pbmc.n_obs))  # ... and complete
 
 
 def test_epochs_reshuffle(pbmc, vocab):
-    corpus = AnnDataCorpus(pbmc, vocab, block_size=64, shuffle=True)
+    corpus = AnnDataCorpus(pbmc, vocab, cells_per_block=64, shuffle=True)
     first = np.concatenate([b["obs_index"] for b in corpus])
     corpus.set_epoch(1)
     second = np.concatenate([b["obs_index"] for b in corpus])
@@ -143,25 +143,24 @@ def test_epochs_reshuffle(pbmc, vocab):
     np.testing.assert_array_equal(np.sort(first), np.sort(second))
 
 
-def test_dataloader_tokens_match_direct_tokenization(pbmc, vocab):
-    corpus = AnnDataCorpus(pbmc, vocab, block_size=96)
+def test_stream_tokens_match_direct_tokenization(pbmc, vocab):
+    corpus = AnnDataCorpus(pbmc, vocab, cells_per_block=96)
     tok = Tokenizer.from_vocab(vocab, max_len=None)
     direct_tok = Tokenizer(vocab.map(pbmc), vocab, max_len=None)
     for packed in (False, True):
-        loader = corpus_dataloader(corpus, tok, batch_size=128, packed=packed)
-        batches = list(loader)
+        batches = list(TokenStream(corpus, tok, 128, packed=packed))
         assert [len(b["obs_index"]) for b in batches] == [128] * 5 + [60]
         first = batches[0]
         ref = (direct_tok.pack if packed else direct_tok)(pbmc.X[:128])
         torch.testing.assert_close(first["genes"], ref["genes"])
         torch.testing.assert_close(first["values"], ref["values"])
     with pytest.raises(ValueError, match="from_vocab"):
-        corpus_dataloader(corpus, direct_tok)
+        TokenStream(corpus, direct_tok)
 
 
 def test_seeded_masks_differ_between_workers(pbmc, vocab):
-    corpus = AnnDataCorpus(pbmc, vocab, block_size=350)
+    corpus = AnnDataCorpus(pbmc, vocab, cells_per_block=350)
     tok = Tokenizer.from_vocab(vocab, mode="full", mask_ratio=0.3, seed=0)
-    masks = [b["mask"] for b in corpus_dataloader(corpus, tok, batch_size=350, num_workers=2)]
+    masks = [b["mask"] for b in TokenStream(corpus, tok, 350, num_workers=2)]
     assert len(masks) == 2 and masks[0].shape == masks[1].shape
     assert not torch.equal(masks[0], masks[1])

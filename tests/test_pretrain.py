@@ -55,7 +55,7 @@ def shards(cells, tmp_path_factory):
 
 
 def make_stream(shards, vocab, *, rank=0, world=1, workers=0, batch=8, block=16):
-    corpus = H5adShardCorpus(shards, vocab, block_size=block, shuffle=True, seed=5)
+    corpus = H5adShardCorpus(shards, vocab, cells_per_block=block, shuffle=True, seed=5)
     tok = Tokenizer.from_vocab(vocab, max_len=32, mask_ratio=0.25)
     return TokenStream(corpus, tok, batch, num_workers=workers, rank=rank, world_size=world)
 
@@ -97,7 +97,7 @@ def test_stream_resumes_at_any_position_with_same_batches(shards, workers):
 @pytest.mark.parametrize("packed", [False, True])
 def test_token_budget_batches_fit_the_budget_and_resume(shards, packed):
     vocab = corpus_vocab(shards)
-    corpus = H5adShardCorpus(shards, vocab, block_size=16, shuffle=True, seed=5)
+    corpus = H5adShardCorpus(shards, vocab, cells_per_block=16, shuffle=True, seed=5)
     tok = Tokenizer.from_vocab(vocab, max_len=512, mask_ratio=0.25)  # cells: 180-410 genes
     budget = 1500
     stream = TokenStream(corpus, tok, 64, token_budget=budget, packed=packed, num_workers=2)
@@ -203,6 +203,7 @@ def test_pretrain_streams_checkpoints_and_loads_into_scmamba2(shards, cells, tmp
     model = SCMamba2.load_query_data(query, model_dir, labels_key="bulk_labels", layer=None)
     assert model.module.classifier is not None
     reference = torch.load(model_dir / "model.pt", weights_only=False)["model_state_dict"]
+    reference.pop("pyro_param_store")  # scvi-tools' save adds it
     loaded = model.module.state_dict()
     for key, value in reference.items():
         torch.testing.assert_close(loaded[key], value)  # the backbone is the pretrained one
@@ -239,7 +240,7 @@ def test_cli_ddp_two_processes_share_the_corpus(shards, tmp_path):
     out = tmp_path / "ddp"
     command, env = cli(
         shards, "--out", out, "--devices", "2", "--accelerator", "cpu", "--strategy", "ddp",
-        "--epochs", "1", "--block-size", "16", "--data-log", *TINY_CLI,
+        "--epochs", "1", "--cells-per-block", "16", "--data-log", *TINY_CLI,
     )  # fmt: skip
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, "\n".join(
@@ -257,8 +258,8 @@ def test_cli_ddp_two_processes_share_the_corpus(shards, tmp_path):
 def test_cli_killed_mid_run_resumes_without_gap_or_repeat(shards, tmp_path):
     out = tmp_path / "kill"
     args = [
-        shards, "--out", out, "--accelerator", "cpu", "--max-steps", "40", "--block-size", "16",
-        "--checkpoint-every", "3", "--data-log", *TINY_CLI,
+        shards, "--out", out, "--accelerator", "cpu", "--max-steps", "40",
+        "--cells-per-block", "16", "--checkpoint-every", "3", "--data-log", *TINY_CLI,
     ]  # fmt: skip
     command, env = cli(*args)
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -298,8 +299,8 @@ def test_soma_experiment_reads_like_the_shards(shards, cells, tmp_path):
                 out[str(name)] = row
         return out
 
-    from_shards = rows(H5adShardCorpus(shards, vocab, block_size=16))
-    from_soma = rows(SomaCorpus(uri, vocab, layer="data", block_size=24, shuffle=True))
+    from_shards = rows(H5adShardCorpus(shards, vocab, cells_per_block=16))
+    from_soma = rows(SomaCorpus(uri, vocab, layer="data", cells_per_block=24, shuffle=True))
     assert sorted(from_soma) == sorted(from_shards)
     for name, row in from_shards.items():  # shards lack some genes: compare where they have them
         has = row > 0
@@ -342,3 +343,125 @@ def test_pretrain_on_a_single_h5ad_file_packed_with_a_token_budget(cells, tmp_pa
     assert sorted(c for _, cs in log.values() for c in cs) == list(range(40))
     back = ad.read_h5ad(path)
     assert SCMamba2.load_query_data(back, model_dir).get_latent_representation().shape == (40, 32)
+
+
+# room for every expressed gene: embeddings then do not depend on which genes are subsampled
+WHOLE = {**TINY_MODULE, "max_len": 1024}
+
+
+@pytest.fixture(scope="module")
+def pretrained(shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pretrained")
+    kwargs = {"preset": "cpu-small", "model_kwargs": WHOLE, "batch_size": 8, "max_steps": 3}
+    return pretrain(shards, out, progress_bar=False, accelerator="cpu", **kwargs)
+
+
+def test_pretrained_folder_holds_the_documented_files(pretrained, shards):
+    import json
+    from importlib.metadata import version
+
+    import scvi
+
+    files = {p.name for p in pretrained.iterdir()}
+    expected = {"model.pt", "config.json", "vocab.json", "_scvi_required_metadata.json"}
+    assert expected | {"README.md"} <= files
+    config = json.loads((pretrained / "config.json").read_text())
+    assert config["format"] == "scmamba2-pretrained" and config["format_version"] == 1
+    assert config["params"] == {"preset": "cpu-small", **WHOLE}
+    assert config["training"]["steps"] == 3 and config["training"]["corpus_cells"] == 128
+    assert GeneVocab.load(pretrained / "vocab.json").tokens == corpus_vocab(shards).tokens
+    hub = json.loads((pretrained / "_scvi_required_metadata.json").read_text())
+    assert hub == {
+        "scvi_version": scvi.__version__,
+        "anndata_version": version("anndata"),
+        "model_cls_name": "SCMamba2",
+        "training_data_url": None,
+        "model_parent_module": "scmamba2_scvi",
+    }
+    card = (pretrained / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: scvi-tools") and "model_cls_name:SCMamba2" in card
+    saved = torch.load(pretrained / "model.pt", weights_only=False)  # scvi-tools' save layout
+    assert saved["attr_dict"]["registry_"]["model_name"] == "SCMamba2"
+    assert list(saved["var_names"]) == corpus_vocab(shards).gene_ids
+
+
+def embed(model, adata):
+    return model.get_latent_representation(adata)
+
+
+def test_from_pretrained_embeds_a_query_with_other_genes(pretrained, cells):
+    query = cells[128:].copy()
+    subset = query[:, : query.n_vars - 30].copy()  # fewer genes, in vocabulary order
+    extra = ad.AnnData(
+        sp.csr_matrix(np.ones((query.n_obs, 3), np.float32)),
+        obs=pd.DataFrame(index=query.obs_names),
+        var=pd.DataFrame(index=["NOTAGENE1", "NOTAGENE2", "NOTAGENE3"]),
+    )
+    # the same genes, reversed, plus genes the vocabulary does not have
+    shuffled = ad.concat([subset[:, ::-1], extra], axis=1, merge="first")
+    model = SCMamba2.from_pretrained(pretrained, shuffled, accelerator="cpu")
+    assert model.module.classifier is None  # a backbone: no head without labels_key
+    z = embed(model, shuffled)
+    assert z.shape == (32, 32) and np.isfinite(z).all()
+    np.testing.assert_allclose(z, embed(model, subset), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(z, embed(model, query), atol=1e-3)  # the missing genes matter
+    with_labels = SCMamba2.from_pretrained(pretrained, query.copy(), labels_key="bulk_labels")
+    assert with_labels.module.classifier is not None
+
+
+def test_hub_model_loads_the_folder_offline(pretrained, cells, monkeypatch):
+    pytest.importorskip("huggingface_hub")
+    from scvi.hub import HubModel
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    query = cells[128:, ::-1].copy()
+    hub = HubModel(str(pretrained))
+    assert hub.metadata.model_parent_module == "scmamba2_scvi"
+    hub.load_model(adata=query, accelerator="cpu")
+    assert isinstance(hub.model, SCMamba2)
+    direct = SCMamba2.from_pretrained(pretrained, cells[128:, ::-1].copy(), accelerator="cpu")
+    np.testing.assert_allclose(embed(hub.model, query), embed(direct, query), rtol=1e-6)
+
+
+def test_from_pretrained_refuses_a_folder_that_is_not_one(tmp_path, cells):
+    with pytest.raises(ValueError, match="not a pretrained-model folder"):
+        SCMamba2.from_pretrained(tmp_path, cells[:10].copy())
+
+
+def test_pretrain_refuses_an_unknown_model_kwarg_before_reading(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(TypeError, match=r"\['d_modle'\].*d_model"):
+        pretrain(tmp_path / "no_such_corpus", out, model_kwargs={"d_modle": 64})
+    assert not out.exists()  # refused at once: nothing read or written
+
+
+def test_pretraining_and_fine_tuning_share_one_optimizer_definition():
+    from types import SimpleNamespace
+
+    from scmamba2_scvi.model import (
+        PretrainPlan,
+        SCMamba2TrainingPlan,
+        build_module,
+        warmup_cosine,
+    )
+
+    module, _ = build_module(60, 0, 0, {"preset": "cpu-small", **TINY_MODULE})
+    runs = []
+    for plan in (
+        PretrainPlan(module, None, lr=2e-3, weight_decay=0.1),
+        SCMamba2TrainingPlan(module, lr=2e-3, weight_decay=0.1),
+    ):
+        plan._trainer = SimpleNamespace(estimated_stepping_batches=40)
+        config = plan.configure_optimizers()
+        optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+        assert config["lr_scheduler"]["interval"] == "step"
+        lrs = []
+        for _ in range(40):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        groups = [(len(g["params"]), g["weight_decay"]) for g in optimizer.param_groups]
+        runs.append((lrs, groups, optimizer.defaults["betas"]))
+    assert runs[0] == runs[1]
+    expected = [2e-3 * warmup_cosine(step, 2, 40, 0.05) for step in range(40)]  # 5% warm-up
+    np.testing.assert_allclose(runs[0][0], expected)

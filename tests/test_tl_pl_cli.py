@@ -144,6 +144,85 @@ def test_plots_save_files(fitted, tmp_path):
     assert added(before, keys(a)) == {}  # plotting writes nothing into adata
 
 
+def test_plots_honour_ax_show_save(fitted, tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    import scanpy as sc
+
+    adata, model = fitted
+    a = fresh(adata)
+    tl.embed(a, model)
+    tl.annotate(a, model)
+    fig, (left, right) = plt.subplots(1, 2)
+    assert pl.confusion(a, "bulk_labels", "scmamba2_label", ax=left, show=False) is left
+    assert left.images  # drawn into the given axes
+    assert pl.umap(a, color="bulk_labels", ax=right, show=False) is right
+    assert right.collections and right.figure is fig
+    panels = plt.subplots(1, 2)[1]
+    assert pl.history(model, ["loss", "gep"], ax=panels, show=False) == list(panels)
+    with pytest.raises(ValueError, match="2 axes for 1 metrics"):
+        pl.history(model, ["loss"], ax=panels)
+    shown = []
+    monkeypatch.setattr(plt, "show", lambda: shown.append(1))
+    assert pl.confusion(a, "bulk_labels", "scmamba2_label", show=True) is None
+    assert shown == [1]
+    assert isinstance(
+        pl.confusion(a, "bulk_labels", "scmamba2_label", save=tmp_path / "c.png"),
+        matplotlib.axes.Axes,
+    )  # a saved figure is not shown by default
+    assert shown == [1]
+    figdir = sc.settings.figdir
+    sc.settings.figdir = tmp_path / "figures"
+    try:
+        pl.history(model, save=True, show=False)  # scanpy's convention: a file in figdir
+    finally:
+        sc.settings.figdir = figdir
+    assert (tmp_path / "figures" / f"scmamba2_history.{sc.settings.file_format_figs}").exists()
+    plt.close("all")
+
+
+def test_umap_reuses_the_graph_and_umap_already_in_adata(fitted, monkeypatch):
+    import matplotlib.pyplot as plt
+    import scanpy as sc
+
+    adata, model = fitted
+    a = fresh(adata)
+    tl.embed(a, model)
+    calls = {"neighbors": 0, "umap": 0}
+    real = {"neighbors": sc.pp.neighbors, "umap": sc.tl.umap}
+
+    def counting(name):
+        def run(*args, **kwargs):
+            calls[name] += 1
+            return real[name](*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(sc.pp, "neighbors", counting("neighbors"))
+    monkeypatch.setattr(sc.tl, "umap", counting("umap"))
+    start = keys(a)  # pbmc68k's own X_umap is there, but no graph on X_scmamba2
+    pl.umap(a, color="bulk_labels", show=False)  # nothing to reuse: computed for the plot
+    assert calls == {"neighbors": 1, "umap": 1}
+    assert added(start, keys(a)) == {}
+
+    real["neighbors"](a, use_rep="X_scmamba2", key_added="scm")  # a graph, under any key
+    pl.umap(a, color="bulk_labels", show=False)
+    assert calls == {"neighbors": 1, "umap": 2}  # the graph is reused, the UMAP is not there
+    pl.umap(a, color="bulk_labels", n_neighbors=5, show=False)  # another graph: recomputed
+    assert calls == {"neighbors": 2, "umap": 3}
+
+    real["neighbors"](a, use_rep="X_scmamba2")
+    real["umap"](a, random_state=3)
+    before = keys(a)
+    ax = pl.umap(a, color="bulk_labels", show=False)
+    assert calls == {"neighbors": 2, "umap": 3}  # nothing recomputed
+    points = np.concatenate([c.get_offsets() for c in ax.collections])
+    np.testing.assert_allclose(
+        np.sort(points, axis=0), np.sort(np.asarray(a.obsm["X_umap"]), axis=0), rtol=1e-6
+    )  # the plot shows adata's UMAP
+    assert added(before, keys(a)) == {}
+    plt.close("all")
+
+
 def test_cli_help_for_every_subcommand(capsys):
     for sub in ("demo", "pretrain", "finetune", "embed", "annotate"):
         with pytest.raises(SystemExit) as e:

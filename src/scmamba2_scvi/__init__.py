@@ -2,7 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import data, datasets, metrics, model, module, nn, ops, pl, tl
+from . import baselines, data, datasets, metrics, model, module, nn, ops, pl, tl
 from .model import SCMamba2
 
 try:
@@ -10,4 +10,16 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
-__all__ = ["SCMamba2", "data", "datasets", "metrics", "model", "module", "nn", "ops", "pl", "tl"]
+__all__ = [
+    "SCMamba2",
+    "baselines",
+    "data",
+    "datasets",
+    "metrics",
+    "model",
+    "module",
+    "nn",
+    "ops",
+    "pl",
+    "tl",
+]

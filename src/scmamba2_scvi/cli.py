@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .baselines import lr_pca_baseline
+
 DEFAULT_DEMO_OUT = "scmamba2_demo"
 
 
@@ -64,39 +66,6 @@ def _check_output_folder(path: str, flag: str) -> None:
             f"the folder of {flag} {path!r} ({parent}) does not exist; create it first or "
             "choose another path."
         )
-
-
-def lr_pca_baseline(train, test, labels_key: str, n_pcs: int = 50, seed: int = 0) -> np.ndarray:
-    """Logistic regression on PCA of log-normalised counts, fit on ``train``, predicts ``test``.
-
-    Parameters
-    ----------
-    train, test
-        AnnData with counts in ``X`` and the same genes.
-    labels_key
-        ``obs`` column of labels in ``train``.
-    n_pcs
-        Principal components (fit on ``train`` only).
-    seed
-        Random state.
-
-    Returns
-    -------
-    Predicted labels of ``test``.
-    """
-    from scipy import sparse
-    from sklearn.decomposition import PCA
-    from sklearn.linear_model import LogisticRegression
-
-    def lognorm(a):
-        X = a.X.toarray() if sparse.issparse(a.X) else np.asarray(a.X)
-        return np.log1p(X / np.maximum(X.sum(1, keepdims=True), 1) * 1e4)
-
-    pca = PCA(n_components=min(n_pcs, train.n_obs - 1, train.n_vars), random_state=seed)
-    z_train = pca.fit_transform(lognorm(train))
-    clf = LogisticRegression(max_iter=2000, random_state=seed)
-    clf.fit(z_train, train.obs[labels_key].astype(str).to_numpy())
-    return clf.predict(pca.transform(lognorm(test)))
 
 
 def demo(args: argparse.Namespace) -> dict:
@@ -205,7 +174,7 @@ def pretrain(args: argparse.Namespace) -> None:
     devices = int(args.devices) if str(args.devices).isdigit() else args.devices
     same = (
         "batch_size token_budget max_steps lr checkpoint_every resume accelerator num_nodes "
-        "strategy precision packed num_workers block_size seed layer gene_key data_log"
+        "strategy precision packed num_workers cells_per_block seed layer gene_key data_log"
     ).split()
     model_dir = run(
         source,
@@ -405,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--token-budget", type=_POSITIVE, default=None, help="tokens per step (batch size varies)"
     )
-    p.add_argument("--block-size", type=_POSITIVE, default=1024, help="cells per corpus block")
+    p.add_argument("--cells-per-block", type=_POSITIVE, default=1024, help="cells per corpus block")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-log", action="store_true", help="log the cells of every batch")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -1,14 +1,7 @@
 """Data layer: gene vocabulary, value transforms, tokenization and streaming corpora."""
 
 from ._binning import VALUE_TRANSFORMS, check_counts, quantile_bin, transform_values
-from ._corpus import (
-    AnnDataCorpus,
-    CellCorpus,
-    H5adShardCorpus,
-    SomaCorpus,
-    corpus_dataloader,
-    shard_info,
-)
+from ._corpus import AnnDataCorpus, CellCorpus, H5adShardCorpus, SomaCorpus, shard_info
 from ._loader import LengthBatchSampler, TokenCollate, TokenDataLoader, TokenDataSplitter
 from ._stream import TokenStream
 from ._tokenize import (
@@ -41,7 +34,6 @@ __all__ = [
     "TokenStream",
     "Tokenizer",
     "check_counts",
-    "corpus_dataloader",
     "quantile_bin",
     "shard_info",
     "split_by_token_budget",

@@ -14,9 +14,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
-from ._tokenize import Tokenizer
 from ._vocab import GeneVocab
 
 __all__ = [
@@ -24,7 +23,6 @@ __all__ = [
     "CellCorpus",
     "H5adShardCorpus",
     "SomaCorpus",
-    "corpus_dataloader",
     "shard_info",
 ]
 
@@ -84,7 +82,7 @@ def _to_vocab_space(X: Any, column_tokens: np.ndarray, n_vocab: int) -> sp.csr_m
 class CellCorpus(IterableDataset):
     """Base class: a corpus of cells streamed in blocks, sharded over ranks and workers.
 
-    Cells are cut into blocks of ``block_size`` consecutive cells (blocks never span two
+    Cells are cut into blocks of ``cells_per_block`` consecutive cells (blocks never span two
     sources). Each epoch every block goes to exactly one (rank, worker) shard: block ``k`` of
     the (optionally shuffled) block list goes to shard ``k % n_shards``, so shards are disjoint
     and together cover every cell once. Items are dictionaries with ``X`` (scipy CSR, cells x
@@ -95,14 +93,14 @@ class CellCorpus(IterableDataset):
     -----
     Under ``torch.distributed`` ranks may receive one block more or less than others; use
     ``drop_last``-style logic in the training loop (or equal-sized shards) if every rank must
-    run the same number of steps. Wrapped in a ``DataLoader``, numpy arrays of the items become
-    tensors (``default_convert``); :func:`corpus_dataloader` handles this for you.
+    run the same number of steps; :class:`~scmamba2_scvi.data.TokenStream`, which tokenizes a
+    corpus into training batches, balances the ranks for you.
 
     Parameters
     ----------
     vocab
         Vocabulary defining the output columns.
-    block_size
+    cells_per_block
         Cells per block (the unit of reading, shuffling and sharding).
     shuffle
         Shuffle block order and cells within blocks, differently each epoch (see
@@ -117,17 +115,17 @@ class CellCorpus(IterableDataset):
         self,
         vocab: GeneVocab,
         *,
-        block_size: int = 1024,
+        cells_per_block: int = 1024,
         shuffle: bool = False,
         seed: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
         super().__init__()
-        if block_size < 1:
-            raise ValueError(f"block_size must be positive, got {block_size}.")
+        if cells_per_block < 1:
+            raise ValueError(f"cells_per_block must be positive, got {cells_per_block}.")
         self.vocab = vocab
-        self.block_size = block_size
+        self.cells_per_block = cells_per_block
         self.shuffle = shuffle
         self.seed = seed
         self.rank = rank
@@ -151,9 +149,9 @@ class CellCorpus(IterableDataset):
     def blocks(self) -> list[tuple[int, int, int]]:
         """All blocks of this epoch as ``(source, start, stop)``, in iteration order."""
         out = [
-            (s, start, min(start + self.block_size, n))
+            (s, start, min(start + self.cells_per_block, n))
             for s, n in enumerate(self._sizes)
-            for start in range(0, n, self.block_size)
+            for start in range(0, n, self.cells_per_block)
         ]
         if self.shuffle:
             rng = np.random.default_rng([self.seed, self.epoch])
@@ -225,7 +223,7 @@ class AnnDataCorpus(CellCorpus):
     min_fraction
         Minimum fraction of genes that must map to ``vocab``.
     **kwargs
-        ``block_size``, ``shuffle``, ``seed``, ``rank``, ``world_size`` of :class:`CellCorpus`.
+        ``cells_per_block``, ``shuffle``, ``seed``, ``rank``, ``world_size`` of :class:`CellCorpus`.
     """
 
     def __init__(
@@ -276,7 +274,7 @@ class H5adShardCorpus(CellCorpus):
     min_fraction
         Minimum fraction of each shard's genes that must map to ``vocab``.
     **kwargs
-        ``block_size``, ``shuffle``, ``seed``, ``rank``, ``world_size`` of :class:`CellCorpus`.
+        ``cells_per_block``, ``shuffle``, ``seed``, ``rank``, ``world_size`` of :class:`CellCorpus`.
     """
 
     def __init__(
@@ -369,7 +367,7 @@ class SomaCorpus(CellCorpus):
     min_fraction
         Minimum fraction of genes that must map to ``vocab``.
     **kwargs
-        ``block_size``, ``shuffle``, ``seed``, ``rank``, ``world_size`` of :class:`CellCorpus`.
+        ``cells_per_block``, ``shuffle``, ``seed``, ``rank``, ``world_size`` of :class:`CellCorpus`.
     """
 
     def __init__(
@@ -442,90 +440,3 @@ def _import_tiledbsoma() -> Any:
             "SomaCorpus needs tiledbsoma: pip install 'scmamba2-scvi[soma]'."
         ) from err
     return tiledbsoma
-
-
-class _TokenizedCorpus(IterableDataset):
-    """Iterate a corpus, cut its blocks into batches of ``batch_size`` cells and tokenize them."""
-
-    def __init__(
-        self, corpus: CellCorpus, tokenizer: Tokenizer, batch_size: int, packed: bool
-    ) -> None:
-        super().__init__()
-        self.corpus, self.tokenizer = corpus, tokenizer
-        self.batch_size, self.packed = batch_size, packed
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        tok = self.tokenizer
-        generator = None
-        if tok.seed is not None:
-            shard, _ = shard_info(self.corpus.rank, self.corpus.world_size)
-            state = np.random.SeedSequence([tok.seed, self.corpus.epoch, shard]).generate_state(1)
-            generator = torch.Generator().manual_seed(int(state[0]))
-        pending: list[dict[str, Any]] = []
-        n_pending = 0
-        for block in self.corpus:
-            pending.append(block)
-            n_pending += block["X"].shape[0]
-            if n_pending < self.batch_size:
-                continue
-            X = sp.vstack([b["X"] for b in pending], format="csr")
-            index = np.concatenate([b["obs_index"] for b in pending])
-            n_full = (n_pending // self.batch_size) * self.batch_size
-            for s in range(0, n_full, self.batch_size):
-                stop = s + self.batch_size
-                yield self._batch(X[s:stop], index[s:stop], generator)
-            rest = {"X": X[n_full:], "obs_index": index[n_full:]}
-            pending, n_pending = ([rest], n_pending - n_full) if n_pending > n_full else ([], 0)
-        if n_pending:
-            X = sp.vstack([b["X"] for b in pending], format="csr")
-            yield self._batch(X, np.concatenate([b["obs_index"] for b in pending]), generator)
-
-    def _batch(
-        self, X: sp.csr_matrix, index: np.ndarray, generator: torch.Generator | None
-    ) -> dict[str, torch.Tensor]:
-        fn = self.tokenizer.pack if self.packed else self.tokenizer
-        out = fn(X, generator=generator)
-        out["obs_index"] = torch.from_numpy(np.ascontiguousarray(index))
-        return out
-
-
-def corpus_dataloader(
-    corpus: CellCorpus,
-    tokenizer: Tokenizer,
-    batch_size: int = 256,
-    *,
-    num_workers: int = 0,
-    packed: bool = False,
-    **loader_kwargs: Any,
-) -> DataLoader:
-    """DataLoader yielding tokenized batches of a corpus.
-
-    Parameters
-    ----------
-    corpus
-        A :class:`CellCorpus` (its columns are vocabulary token ids).
-    tokenizer
-        A tokenizer over vocabulary columns, e.g. ``Tokenizer.from_vocab(vocab, ...)``.
-    batch_size
-        Cells per batch (the last batch of each worker may be smaller).
-    num_workers
-        DataLoader worker processes; each reads and tokenizes a disjoint share of the blocks.
-    packed
-        Yield :meth:`Tokenizer.pack` outputs instead of padded batches.
-    **loader_kwargs
-        Passed to :class:`torch.utils.data.DataLoader` (e.g. ``pin_memory``,
-        ``prefetch_factor``).
-
-    Returns
-    -------
-    A DataLoader whose items are the tokenizer's dictionaries plus ``obs_index`` ``(b,)``
-    (position of each cell in the corpus). Call ``corpus.set_epoch(e)`` before each epoch.
-    """
-    if len(tokenizer.column_tokens) != len(corpus.vocab):
-        raise ValueError(
-            f"The tokenizer has {len(tokenizer.column_tokens)} columns but corpus batches have one "
-            f"column per vocabulary token ({len(corpus.vocab)}); build it with "
-            "Tokenizer.from_vocab(corpus.vocab, ...)."
-        )
-    dataset = _TokenizedCorpus(corpus, tokenizer, batch_size, packed)
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers, **loader_kwargs)

@@ -2,14 +2,16 @@
 
 from ._checksum import verify_weights, write_checksum
 from ._model import PRESETS, SCMamba2, build_module
-from ._pretrain import PretrainPlan, corpus_vocab, latest_checkpoint, pretrain, save_pretrained
-from ._trainingplan import SCMamba2TrainingPlan, param_groups, warmup_cosine
+from ._pretrain import PretrainPlan, corpus_vocab, latest_checkpoint, pretrain
+from ._pretrained import save_pretrained
+from ._trainingplan import SCMamba2TrainingPlan, adamw_warmup_cosine, param_groups, warmup_cosine
 
 __all__ = [
     "PRESETS",
     "PretrainPlan",
     "SCMamba2",
     "SCMamba2TrainingPlan",
+    "adamw_warmup_cosine",
     "build_module",
     "corpus_vocab",
     "latest_checkpoint",

@@ -32,6 +32,7 @@ from scmamba2_scvi.data import (
 from scmamba2_scvi.module import SCMamba2Module
 
 from ._checksum import verify_weights, write_checksum
+from ._pretrained import from_pretrained, is_pretrained
 from ._trainingplan import SCMamba2TrainingPlan
 from ._utils import check_keywords
 
@@ -898,15 +899,20 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         backup_url: str | None = None,
         **kwargs,
     ) -> SCMamba2:
-        """Load a model saved by :meth:`save`, after checking its weights file.
+        """Load a model saved by :meth:`save` (weights checked), or a pretrained backbone.
+
+        A folder written by :func:`~scmamba2_scvi.model.pretrain`, given an AnnData, goes to
+        :meth:`from_pretrained`; so ``scvi.hub.HubModel(folder).load_model(adata=...)`` maps
+        data with other genes onto a pretrained backbone. Anything else goes to scvi-tools'
+        :meth:`~scvi.model.base.BaseModelClass.load`.
 
         Parameters
         ----------
         dir_path
-            Folder the model was saved to.
+            Folder the model was saved to (:meth:`save`), or a pretrained-model folder.
         adata
             The AnnData the model was trained on (same genes in the same order); for other data
-            use :meth:`load_query_data`.
+            use :meth:`load_query_data` (or, for a pretrained folder, any AnnData).
         accelerator, device, prefix, backup_url, **kwargs
             As in :meth:`scvi.model.base.BaseModelClass.load`.
 
@@ -922,6 +928,8 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
             When ``model.pt`` is empty, truncated, corrupt or fails its checksum, or when
             ``adata`` has other genes than the training data.
         """
+        if adata is not None and is_pretrained(dir_path):
+            return cls.from_pretrained(dir_path, adata, accelerator=accelerator, device=device)
         if backup_url is None:
             _check_saved_folder(Path(dir_path), prefix)
         with warnings.catch_warnings():
@@ -1049,3 +1057,58 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         model.is_trained_ = True
         logger.info("Query genes on the reference vocabulary:\n%s", model.gene_report_)
         return model
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        adata: AnnData,
+        *,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        labels_key: str | None = None,
+        gene_key: str | None = None,
+        min_gene_fraction: float | None = None,
+        accelerator: str = "auto",
+        device: int | str = "auto",
+    ) -> SCMamba2:
+        """Put a pretrained backbone (the model folder ``pretrain`` wrote) onto data.
+
+        The data's genes are mapped onto the backbone's vocabulary (another order, a subset or a
+        superset are fine; a coverage report is logged), as in :meth:`load_query_data`. The
+        folder's layout is described in :func:`~scmamba2_scvi.model.save_pretrained`.
+
+        Parameters
+        ----------
+        path
+            The pretrained-model folder (``out_dir/model`` of ``pretrain``).
+        adata
+            Cells to embed or fine-tune on (set up here).
+        layer
+            Layer holding raw counts; ``None`` uses ``adata.X``.
+        batch_key, labels_key
+            ``obs`` columns of batches and cell types: new batch heads and a new classifier,
+            untrained until you :meth:`train`.
+        gene_key
+            ``var`` column with gene IDs or symbols; default ``var_names``.
+        min_gene_fraction
+            Least share of the vocabulary the data must hold (default: the backbone's).
+        accelerator, device
+            Where to put the model.
+
+        Returns
+        -------
+        An :class:`SCMamba2` on ``adata`` with the pretrained weights.
+        """
+        return from_pretrained(
+            cls,
+            path,
+            adata,
+            layer=layer,
+            batch_key=batch_key,
+            labels_key=labels_key,
+            gene_key=gene_key,
+            min_gene_fraction=min_gene_fraction,
+            accelerator=accelerator,
+            device=device,
+        )

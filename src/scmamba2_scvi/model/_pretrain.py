@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -16,7 +17,6 @@ import anndata as ad
 import h5py
 import lightning.pytorch as pl
 import numpy as np
-import scvi
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import LambdaCallback, ModelCheckpoint
@@ -31,10 +31,11 @@ from scmamba2_scvi.data import (
 )
 from scmamba2_scvi.module import SCMamba2Module
 
-from ._model import SCMamba2, build_module
-from ._trainingplan import param_groups, warmup_cosine
+from ._model import PRESETS, SCMamba2, build_module
+from ._pretrained import save_pretrained
+from ._trainingplan import adamw_warmup_cosine
 
-__all__ = ["PretrainPlan", "pretrain"]
+__all__ = ["PretrainPlan", "corpus_vocab", "latest_checkpoint", "pretrain"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +46,9 @@ class PretrainPlan(pl.LightningModule):
     """Lightning module of corpus pretraining: masked expression (GEP + GEPC) on a token stream.
 
     AdamW (no decay on biases, norms, embeddings and SSM parameters) with linear warm-up and
-    cosine decay per step. Checkpoints also hold the random states (torch, CUDA, numpy, python)
-    and, through Lightning, the stream's data position.
+    cosine decay per step, as in fine-tuning (:func:`~scmamba2_scvi.model.adamw_warmup_cosine`).
+    Checkpoints also hold the random states (torch, CUDA, numpy, python) and, through
+    Lightning, the stream's data position.
 
     Parameters
     ----------
@@ -57,8 +59,8 @@ class PretrainPlan(pl.LightningModule):
         reported to it (:meth:`~scmamba2_scvi.data.TokenStream.mark_consumed`).
     lr, weight_decay, betas, min_lr_ratio
         Optimizer and schedule; the cosine spans the trainer's estimated steps.
-    warmup_steps
-        Linear warm-up steps (default: 5% of the run).
+    warmup_ratio, warmup_steps
+        Linear warm-up: a fraction of the run, or (when given) a number of steps.
     data_log
         Folder where each rank appends ``step epoch obs_index...`` per trained batch
         (``rank{r}.tsv``): an audit of which cells were trained on. ``None``: no log.
@@ -74,6 +76,7 @@ class PretrainPlan(pl.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.98),
+        warmup_ratio: float = 0.05,
         warmup_steps: int | None = None,
         min_lr_ratio: float = 0.05,
         data_log: str | PathLike | None = None,
@@ -82,7 +85,7 @@ class PretrainPlan(pl.LightningModule):
         super().__init__()
         self.module, self.stream = module, stream
         self.lr, self.weight_decay, self.betas = lr, weight_decay, betas
-        self.warmup_steps = warmup_steps
+        self.warmup_ratio, self.warmup_steps = warmup_ratio, warmup_steps
         self.min_lr_ratio = min_lr_ratio
         self.data_log = Path(data_log) if data_log is not None else None
         self.loss_kwargs = loss_kwargs
@@ -106,20 +109,17 @@ class PretrainPlan(pl.LightningModule):
         return out.loss
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW and the per-step warm-up + cosine schedule."""
-        optimizer = torch.optim.AdamW(
-            param_groups(self.module, self.weight_decay), lr=self.lr, betas=self.betas
+        """AdamW and the per-step warm-up + cosine schedule (shared with fine-tuning)."""
+        return adamw_warmup_cosine(
+            self.module,
+            self.trainer.estimated_stepping_batches,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            betas=self.betas,
+            warmup_ratio=self.warmup_ratio,
+            warmup_steps=self.warmup_steps,
+            min_lr_ratio=self.min_lr_ratio,
         )
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = self.warmup_steps if self.warmup_steps is not None else max(1, total // 20)
-        floor = self.min_lr_ratio
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, warmup, total, floor)
-        )
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Add the random states, so that a resumed run draws what the first would have."""
@@ -226,60 +226,6 @@ def corpus_vocab(
     return GeneVocab.from_anndata(tables, gene_key=gene_key)
 
 
-def save_pretrained(
-    module: SCMamba2Module, params: dict[str, Any], vocab: GeneVocab, path: str | PathLike
-) -> Path:
-    """Save a pretrained network where :meth:`SCMamba2.load_query_data` can read it.
-
-    Parameters
-    ----------
-    module
-        The trained network.
-    params
-        The :class:`~scmamba2_scvi.model.SCMamba2` arguments it was built with.
-    vocab
-        Its gene vocabulary.
-    path
-        Folder to write ``model.pt`` (scvi-tools' format) and ``vocab.json`` to.
-
-    Returns
-    -------
-    The folder.
-    """
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    init = {**params, "vocab": vocab.to_dict(), "label_categories": [], "batch_categories": []}
-    setup_args = {
-        "layer": None,
-        "batch_key": None,
-        "labels_key": None,
-        "unlabeled_category": "Unknown",
-        "gene_key": None,
-        "check_counts": params.get("value_transform", "bin") != "raw",
-    }
-    attr_dict = {
-        "registry_": {
-            "model_name": SCMamba2.__name__,
-            "setup_args": setup_args,
-            "setup_method_name": "setup_anndata",
-            "scvi_version": scvi.__version__,
-        },
-        "init_params_": {"kwargs": {}, "non_kwargs": init},
-        "is_trained_": True,
-    }
-    state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
-    torch.save(
-        {
-            "model_state_dict": state,
-            "var_names": np.asarray(vocab.gene_keys, dtype=object),
-            "attr_dict": attr_dict,
-        },
-        path / "model.pt",
-    )
-    vocab.save(path / "vocab.json")
-    return path
-
-
 def _strategy(strategy: str, devices: Any, num_nodes: int, accelerator: str) -> Any:
     """Lightning strategy: FSDP wraps (and checkpoints) each bidirectional block."""
     if strategy == "fsdp":
@@ -309,6 +255,191 @@ def _n_devices(devices: Any, accelerator: str) -> int:
     return 1
 
 
+# Keyword arguments of SCMamba2 that are not architecture or tokenization options: pretraining
+# sets them itself (the vocabulary, no heads) or they only concern AnnData inputs.
+_NOT_MODEL_KWARGS = frozenset(
+    {"vocab", "label_categories", "batch_categories", "min_gene_fraction"}
+)
+
+
+def _model_params(preset: str, model_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """``{"preset": preset, **model_kwargs}``, refusing unknown names before any data is read."""
+    if preset not in PRESETS:
+        raise ValueError(f"Unknown preset {preset!r}; choose one of {list(PRESETS)}.")
+    valid = sorted(
+        name
+        for name, p in inspect.signature(SCMamba2.__init__).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in _NOT_MODEL_KWARGS
+    )
+    unknown = sorted(set(model_kwargs or {}) - set(valid))
+    if unknown:
+        raise TypeError(
+            f"pretrain() got unknown model_kwargs {unknown}; valid keys: {', '.join(valid)} "
+            "(the architecture preset is the `preset` argument)."
+        )
+    return {"preset": preset, **(model_kwargs or {})}
+
+
+def _resume_point(out: Path, params: dict[str, Any], resume: bool | str | PathLike) -> Path | None:
+    """The checkpoint to continue from (``None``: start afresh); refuses another model's run."""
+    if not resume:
+        return None
+    if (out / "config.json").exists():
+        before = json.loads((out / "config.json").read_text())["params"]
+        if before != params:
+            raise ValueError(
+                f"The checkpoints in {out} are of a model built with {before}, not {params}; "
+                "resume with the same preset and model_kwargs, or write to a new out_dir."
+            )
+    ckpt_path = latest_checkpoint(out) if resume is True else Path(resume)
+    if ckpt_path is None:
+        logger.info("No checkpoint in %s: starting from scratch.", out / "checkpoints")
+    elif not ckpt_path.exists():
+        raise FileNotFoundError(f"Checkpoint {ckpt_path} does not exist.")
+    return ckpt_path
+
+
+def _resolve_corpus(
+    corpus: CellCorpus | str | PathLike | Sequence[str | PathLike],
+    out: Path,
+    vocab: GeneVocab | str | PathLike | None,
+    resume: bool | str | PathLike,
+    *,
+    layer: str | None,
+    gene_key: str | None,
+    **corpus_kwargs: Any,
+) -> CellCorpus:
+    """The corpus on its vocabulary: given, resumed (``out/vocab.json``), or the corpus's genes."""
+    if isinstance(vocab, str | PathLike):
+        vocab = GeneVocab.load(vocab)
+    if isinstance(corpus, CellCorpus):
+        vocab = corpus.vocab
+    saved = out / "vocab.json"
+    if resume and saved.exists():
+        previous = GeneVocab.load(saved)
+        if vocab is not None and vocab.tokens != previous.tokens:
+            raise ValueError(
+                f"The vocabulary differs from the one the checkpoints in {out} were trained "
+                f"with ({len(vocab)} vs {len(previous)} tokens); resume with the same vocabulary "
+                "(omit `vocab` to reuse it) or write to a new out_dir."
+            )
+        vocab = previous
+    if isinstance(corpus, CellCorpus):
+        return corpus
+    if vocab is None:
+        vocab = corpus_vocab(corpus, gene_key=gene_key)
+    if isinstance(corpus, str | PathLike) and _is_soma(corpus):
+        return SomaCorpus(
+            str(corpus), vocab, layer=layer or "raw", gene_key=gene_key, **corpus_kwargs
+        )
+    return H5adShardCorpus(
+        _shard_paths(corpus), vocab, layer=layer, gene_key=gene_key, **corpus_kwargs
+    )
+
+
+def _build(
+    corpus: CellCorpus,
+    params: dict[str, Any],
+    *,
+    stream_kwargs: dict[str, Any],
+    plan_kwargs: dict[str, Any],
+) -> tuple[PretrainPlan, dict[str, Any]]:
+    """The network, the token stream over the corpus, and the plan training one on the other."""
+    module, sizes = build_module(len(corpus.vocab), 0, 0, params)
+    tok_keys = ("mode", "max_len", "gene_order", "subsample", "value_transform", "n_bins")
+    tokenizer = Tokenizer.from_vocab(
+        corpus.vocab,
+        mask_ratio=module.mask_ratio,
+        **{k: params[k] for k in tok_keys if k in params},
+    )
+    stream = TokenStream(corpus, tokenizer, **stream_kwargs)
+    return PretrainPlan(module, stream, **plan_kwargs), sizes
+
+
+def _trainer(
+    out: Path,
+    run_files: dict[str, Any],
+    *,
+    checkpoint_every: int,
+    keep_checkpoints: int,
+    strategy: str,
+    devices: Any,
+    num_nodes: int,
+    accelerator: str,
+    on_gpu: bool,
+    precision: str | None,
+    max_steps: int | None,
+    max_epochs: int | None,
+    progress_bar: bool,
+    **trainer_kwargs: Any,
+) -> pl.Trainer:
+    """The Lightning trainer: step checkpoints (atomic), CSV logs, the run files at fit start."""
+
+    def write_run_files(trainer: pl.Trainer, _: pl.LightningModule) -> None:
+        # once every rank has read them (fit starts after the ranks' rendezvous), by one rank
+        if trainer.is_global_zero:
+            run_files["vocab"].save(out / "vocab.json")
+            config = {"params": run_files["params"], "sizes": run_files["sizes"]}
+            (out / "config.json").write_text(json.dumps(config, indent=2))
+
+    checkpoint = ModelCheckpoint(
+        dirpath=out / "checkpoints",
+        filename="step={step:08d}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=checkpoint_every,
+        save_top_k=keep_checkpoints,
+        monitor="step",
+        mode="max",
+        save_on_train_epoch_end=False,
+    )
+    trainer_kwargs.setdefault("gradient_clip_val", 1.0 if strategy != "fsdp" else None)
+    if max_steps is None and max_epochs is None:
+        max_epochs = 1
+    return pl.Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=_strategy(strategy, devices, num_nodes, accelerator),
+        precision=precision or ("bf16-mixed" if on_gpu else "32-true"),
+        max_steps=-1 if max_steps is None else max_steps,
+        max_epochs=-1 if max_epochs is None else max_epochs,
+        callbacks=[checkpoint, LambdaCallback(on_fit_start=write_run_files)],
+        plugins=[_AtomicCheckpointIO()],
+        default_root_dir=out,
+        logger=pl.loggers.CSVLogger(out, name="logs"),
+        log_every_n_steps=min(50, checkpoint_every),
+        enable_progress_bar=progress_bar,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        **trainer_kwargs,
+    )
+
+
+def _save(
+    trainer: pl.Trainer, plan: PretrainPlan, params: dict[str, Any], out: Path, every: int
+) -> Path:
+    """The last checkpoint (for a longer run to resume) and the pretrained-model folder."""
+    if trainer.global_step % every:
+        # decided from the step, not from the file, so every rank joins this collective
+        trainer.save_checkpoint(out / "checkpoints" / f"step={trainer.global_step:08d}.ckpt")
+    model_dir = out / "model"
+    if trainer.is_global_zero:
+        corpus = plan.stream.corpus
+        training = {
+            "steps": trainer.global_step,
+            "epochs": trainer.current_epoch,
+            "corpus_cells": corpus.n_cells,
+            "devices": trainer.world_size,
+            "batch_size": plan.stream.batch_size,
+            "token_budget": plan.stream.token_budget,
+            "packed": plan.stream.packed,
+        }
+        save_pretrained(plan.module, params, corpus.vocab, model_dir, training=training)
+        logger.info("Pretrained model saved to %s (step %d).", model_dir, trainer.global_step)
+    trainer.strategy.barrier("save_pretrained")
+    return model_dir
+
+
 def pretrain(
     corpus: CellCorpus | str | PathLike | Sequence[str | PathLike],
     out_dir: str | PathLike,
@@ -333,7 +464,7 @@ def pretrain(
     precision: str | None = None,
     packed: bool | None = None,
     num_workers: int = 0,
-    block_size: int = 1024,
+    cells_per_block: int = 1024,
     shuffle: bool = True,
     seed: int = 0,
     layer: str | None = None,
@@ -351,6 +482,9 @@ def pretrain(
     optimizer, schedule, data position, random states) are written every ``checkpoint_every``
     steps; ``resume=True`` continues from the latest one, with no cell lost or repeated.
 
+    The run has four steps: resolve the corpus and its vocabulary, build the network, stream and
+    plan, fit, and save the pretrained-model folder (:func:`save_pretrained`).
+
     Parameters
     ----------
     corpus
@@ -358,13 +492,14 @@ def pretrain(
         TileDB-SOMA experiment (the CELLxGENE census format, counts in X layer ``"raw"``).
     out_dir
         Output folder: ``checkpoints/``, ``model/`` (the result), ``vocab.json``,
-        ``config.json``, ``data_log/`` (with ``data_log``).
+        ``config.json``, ``logs/``, ``data_log/`` (with ``data_log``).
     vocab
         Gene vocabulary (or its JSON file); default: the union of the corpus's genes, built
         from ``var`` alone (or the one in ``out_dir`` when resuming).
     preset, model_kwargs
         Architecture: a preset of :class:`~scmamba2_scvi.model.SCMamba2` and any of its
-        keyword arguments (``d_model``, ``mode``, ``max_len``, ``mask_ratio``, ``backend``...).
+        keyword-only arguments (``d_model``, ``mode``, ``max_len``, ``mask_ratio``,
+        ``backend``...). An unknown name raises a :class:`TypeError` before any data is read.
     batch_size
         Cells per step on each rank (the most, with ``token_budget``).
     token_budget
@@ -373,7 +508,8 @@ def pretrain(
     max_steps, max_epochs
         Length of the run (default: one epoch).
     lr, weight_decay, warmup_steps
-        AdamW and the warm-up (default: 5% of the steps) before the cosine decay.
+        AdamW and the warm-up (default: 5% of the steps) before the cosine decay
+        (:func:`~scmamba2_scvi.model.adamw_warmup_cosine`).
     checkpoint_every
         Steps between checkpoints.
     keep_checkpoints
@@ -389,9 +525,9 @@ def pretrain(
         Packed variable-length batches (no padding computed); default on GPU.
     num_workers
         Data-loading processes per rank.
-    block_size, shuffle, seed
-        Corpus blocks (the unit of reading and sharding), shuffled per epoch, and the seed of
-        shuffling, masking and initialisation.
+    cells_per_block, shuffle, seed
+        Cells per corpus block (the unit of reading and sharding), blocks shuffled per epoch,
+        and the seed of shuffling, masking and initialisation.
     layer, gene_key
         Where h5ad shards hold counts and gene IDs (see
         :class:`~scmamba2_scvi.data.H5adShardCorpus`).
@@ -404,129 +540,66 @@ def pretrain(
 
     Returns
     -------
-    The folder of the pretrained model (``out_dir/model``): load it onto your data with
-    ``SCMamba2.load_query_data(adata, out_dir / "model")`` and fine-tune.
+    The pretrained-model folder (``out_dir/model``): put it onto your data with
+    ``SCMamba2.from_pretrained(out_dir / "model", adata)``
+    (:meth:`~scmamba2_scvi.SCMamba2.from_pretrained`) to embed it or fine-tune;
+    :class:`scvi.hub.HubModel` opens it too.
     """
+    params = _model_params(preset, model_kwargs)
     for name, value in (("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
         if value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value}.")
-    params = {"preset": preset, **(model_kwargs or {})}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if resume and (out / "config.json").exists():
-        before = json.loads((out / "config.json").read_text())["params"]
-        if before != params:
-            raise ValueError(
-                f"The checkpoints in {out} are of a model built with {before}, not {params}; "
-                "resume with the same preset and model_kwargs, or write to a new out_dir."
-            )
-    ckpt_path = None
-    if resume:
-        ckpt_path = latest_checkpoint(out) if resume is True else Path(resume)
-        if ckpt_path is None:
-            logger.info("No checkpoint in %s: starting from scratch.", out / "checkpoints")
-        elif not ckpt_path.exists():
-            raise FileNotFoundError(f"Checkpoint {ckpt_path} does not exist.")
-    if isinstance(vocab, str | PathLike):
-        vocab = GeneVocab.load(vocab)
-    if isinstance(corpus, CellCorpus):
-        vocab = corpus.vocab
-    saved = out / "vocab.json"
-    if resume and saved.exists():
-        previous = GeneVocab.load(saved)
-        if vocab is not None and vocab.tokens != previous.tokens:
-            raise ValueError(
-                f"The vocabulary differs from the one the checkpoints in {out} were trained "
-                f"with ({len(vocab)} vs {len(previous)} tokens); resume with the same vocabulary "
-                "(omit `vocab` to reuse it) or write to a new out_dir."
-            )
-        vocab = previous
-    if vocab is None:
-        vocab = corpus_vocab(corpus, gene_key=gene_key)
-    if not isinstance(corpus, CellCorpus):
-        common = {"block_size": block_size, "shuffle": shuffle, "seed": seed}
-        if isinstance(corpus, str | PathLike) and _is_soma(corpus):
-            corpus = SomaCorpus(
-                str(corpus), vocab, layer=layer or "raw", gene_key=gene_key, **common
-            )
-        else:
-            corpus = H5adShardCorpus(
-                _shard_paths(corpus), vocab, layer=layer, gene_key=gene_key, **common
-            )
-
-    pl.seed_everything(seed, workers=True, verbose=False)
-    module, sizes = build_module(len(vocab), 0, 0, params)
-    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    packed = on_gpu if packed is None else packed
-    tok_keys = ("mode", "max_len", "gene_order", "subsample", "value_transform", "n_bins")
-    tok_params = {k: params[k] for k in tok_keys if k in params}
-    tokenizer = Tokenizer.from_vocab(vocab, mask_ratio=module.mask_ratio, **tok_params)
-    stream = TokenStream(
+    ckpt_path = _resume_point(out, params, resume)
+    corpus = _resolve_corpus(
         corpus,
-        tokenizer,
-        batch_size,
-        token_budget=token_budget,
-        num_workers=num_workers,
-        packed=packed,
+        out,
+        vocab,
+        resume,
+        layer=layer,
+        gene_key=gene_key,
+        cells_per_block=cells_per_block,
+        shuffle=shuffle,
         seed=seed,
-        pin_memory=on_gpu,
     )
-    if max_steps is None and max_epochs is None:
-        max_epochs = 1
-    plan = PretrainPlan(
-        module,
-        stream,
-        lr=lr,
-        weight_decay=weight_decay,
-        warmup_steps=warmup_steps,
-        data_log=(out / "data_log") if data_log else None,
-    )
+    pl.seed_everything(seed, workers=True, verbose=False)
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     if data_log:
         (out / "data_log").mkdir(exist_ok=True)
-
-    def write_run_files(trainer: pl.Trainer, _: pl.LightningModule) -> None:
-        # once every rank has read them (fit starts after the ranks' rendezvous), by one rank
-        if trainer.is_global_zero:
-            vocab.save(out / "vocab.json")
-            config = {"params": params, "sizes": sizes}
-            (out / "config.json").write_text(json.dumps(config, indent=2))
-
-    checkpoint = ModelCheckpoint(
-        dirpath=out / "checkpoints",
-        filename="step={step:08d}",
-        auto_insert_metric_name=False,
-        every_n_train_steps=checkpoint_every,
-        save_top_k=keep_checkpoints,
-        monitor="step",
-        mode="max",
-        save_on_train_epoch_end=False,
+    plan, sizes = _build(
+        corpus,
+        params,
+        stream_kwargs={
+            "batch_size": batch_size,
+            "token_budget": token_budget,
+            "num_workers": num_workers,
+            "packed": on_gpu if packed is None else packed,
+            "seed": seed,
+            "pin_memory": on_gpu,
+        },
+        plan_kwargs={
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "warmup_steps": warmup_steps,
+            "data_log": (out / "data_log") if data_log else None,
+        },
     )
-    trainer_kwargs.setdefault("gradient_clip_val", 1.0 if strategy != "fsdp" else None)
-    trainer = pl.Trainer(
-        accelerator=accelerator,
+    trainer = _trainer(
+        out,
+        {"vocab": corpus.vocab, "params": params, "sizes": sizes},
+        checkpoint_every=checkpoint_every,
+        keep_checkpoints=keep_checkpoints,
+        strategy=strategy,
         devices=devices,
         num_nodes=num_nodes,
-        strategy=_strategy(strategy, devices, num_nodes, accelerator),
-        precision=precision or ("bf16-mixed" if on_gpu else "32-true"),
-        max_steps=-1 if max_steps is None else max_steps,
-        max_epochs=-1 if max_epochs is None else max_epochs,
-        callbacks=[checkpoint, LambdaCallback(on_fit_start=write_run_files)],
-        plugins=[_AtomicCheckpointIO()],
-        default_root_dir=out,
-        logger=pl.loggers.CSVLogger(out, name="logs"),
-        log_every_n_steps=min(50, checkpoint_every),
-        enable_progress_bar=progress_bar,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
+        accelerator=accelerator,
+        on_gpu=on_gpu,
+        precision=precision,
+        max_steps=max_steps,
+        max_epochs=max_epochs,
+        progress_bar=progress_bar,
         **trainer_kwargs,
     )
-    trainer.fit(plan, train_dataloaders=stream, ckpt_path=ckpt_path)
-    if trainer.global_step % checkpoint_every:  # the end of the run, for a longer run to resume
-        # (decided from the step, not from the file, so every rank joins this collective)
-        trainer.save_checkpoint(out / "checkpoints" / f"step={trainer.global_step:08d}.ckpt")
-    model_dir = out / "model"
-    if trainer.is_global_zero:
-        save_pretrained(plan.module, params, vocab, model_dir)
-        logger.info("Pretrained model saved to %s (step %d).", model_dir, trainer.global_step)
-    trainer.strategy.barrier("save_pretrained")
-    return model_dir
+    trainer.fit(plan, train_dataloaders=plan.stream, ckpt_path=ckpt_path)
+    return _save(trainer, plan, params, out, checkpoint_every)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from typing import Any
 
 import torch
 from scvi.module.base import BaseModuleClass
@@ -67,6 +68,54 @@ def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def adamw_warmup_cosine(
+    module: torch.nn.Module,
+    total_steps: int | float,
+    *,
+    lr: float = 1e-3,
+    weight_decay: float = 0.01,
+    betas: tuple[float, float] = (0.9, 0.98),
+    warmup_ratio: float = 0.05,
+    warmup_steps: int | None = None,
+    min_lr_ratio: float = 0.05,
+) -> dict[str, Any]:
+    """The optimizer of fine-tuning and pretraining: AdamW, warm-up then cosine, per step.
+
+    Used by :class:`SCMamba2TrainingPlan` and :class:`~scmamba2_scvi.model.PretrainPlan` in
+    their ``configure_optimizers``.
+
+    Parameters
+    ----------
+    module
+        The network (groups from :func:`param_groups`).
+    total_steps
+        Optimizer steps of the run (Lightning's ``trainer.estimated_stepping_batches``).
+    lr
+        Peak learning rate.
+    weight_decay
+        AdamW weight decay of the matrix parameters.
+    betas
+        AdamW betas.
+    warmup_ratio
+        Fraction of the steps spent warming up (ignored when ``warmup_steps`` is given).
+    warmup_steps
+        Warm-up steps.
+    min_lr_ratio
+        Learning rate at the end of the cosine, as a fraction of ``lr``.
+
+    Returns
+    -------
+    Lightning's optimizer configuration: the optimizer and its per-step scheduler.
+    """
+    optimizer = torch.optim.AdamW(param_groups(module, weight_decay), lr=lr, betas=betas)
+    total = max(1, int(total_steps))
+    warmup = warmup_steps if warmup_steps is not None else int(warmup_ratio * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, warmup, total, min_lr_ratio)
+    )
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
 class SCMamba2TrainingPlan(TrainingPlan):
     """scvi-tools :class:`~scvi.train.TrainingPlan` with AdamW, warm-up + cosine schedule.
 
@@ -120,18 +169,14 @@ class SCMamba2TrainingPlan(TrainingPlan):
         self.min_lr_ratio, self.betas = min_lr_ratio, betas
 
     def configure_optimizers(self):
-        """AdamW and a per-step warm-up + cosine schedule over the run's estimated steps."""
-        optimizer = torch.optim.AdamW(
-            param_groups(self.module, self.weight_decay), lr=self.lr, betas=self.betas
+        """AdamW and a per-step warm-up + cosine schedule (:func:`adamw_warmup_cosine`)."""
+        return adamw_warmup_cosine(
+            self.module,
+            self.trainer.estimated_stepping_batches,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            betas=self.betas,
+            warmup_ratio=self.warmup_ratio,
+            warmup_steps=self.warmup_steps,
+            min_lr_ratio=self.min_lr_ratio,
         )
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = (
-            self.warmup_steps if self.warmup_steps is not None else int(self.warmup_ratio * total)
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, warmup, total, self.min_lr_ratio)
-        )
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
