@@ -121,7 +121,9 @@ def _chunk_scan_fwd_kernel(
     tok = ci * Q + tl.arange(0, Q)
     on, op = tl.arange(0, BN), tl.arange(0, BP)
     mn, mp = on < N, op < P
-    u, b, c, a, seg = _load_chunk(U, Bm, Cm, A, SEG, bi, bh, hi, gi, tok, on, op, H, G, N, P, length)
+    u, b, c, a, seg = _load_chunk(
+        U, Bm, Cm, A, SEG, bi, bh, hi, gi, tok, on, op, H, G, N, P, length
+    )
     w = tl.load(W + bh * length + tok)
     s = tl.load(
         S + (bh * NC + ci) * N * P + on[:, None] * P + op[None, :],
@@ -131,9 +133,7 @@ def _chunk_scan_fwd_kernel(
     cb = tl.dot(c, tl.trans(b), input_precision="ieee") * _decay_matrix(a, seg, Q)
     y = tl.dot(cb, u, input_precision="ieee")
     y += w[:, None] * tl.dot(c, s, input_precision="ieee")
-    tl.store(
-        Y + (bi * length + tok[:, None]) * H * P + hi * P + op[None, :], y, mask=mp[None, :]
-    )
+    tl.store(Y + (bi * length + tok[:, None]) * H * P + hi * P + op[None, :], y, mask=mp[None, :])
 
 
 @triton.jit
@@ -141,8 +141,10 @@ def _chunk_scan_bwd_kernel(
     U, Bm, Cm, A, SEG, W, V, S, GS, DY, DU, DB, DC, DA, DW, DV, H, G, N, P, NC,
     Q: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
 ):  # fmt: skip
-    """Gradients of one chunk's inputs, given the entering state ``S`` and the gradient ``GS``
-    of the state leaving the chunk. ``DB``/``DC`` are per head (summed over a group in torch).
+    """Gradients of one chunk's inputs.
+
+    Given the entering state ``S`` and the gradient ``GS`` of the state leaving the chunk.
+    ``DB``/``DC`` are per head (summed over a group in torch).
     """
     bh = tl.program_id(0).to(tl.int64)
     ci = tl.program_id(1).to(tl.int64)
@@ -152,7 +154,9 @@ def _chunk_scan_bwd_kernel(
     tok = ci * Q + tl.arange(0, Q)
     on, op = tl.arange(0, BN), tl.arange(0, BP)
     mn, mp = on < N, op < P
-    u, b, c, a, seg = _load_chunk(U, Bm, Cm, A, SEG, bi, bh, hi, gi, tok, on, op, H, G, N, P, length)
+    u, b, c, a, seg = _load_chunk(
+        U, Bm, Cm, A, SEG, bi, bh, hi, gi, tok, on, op, H, G, N, P, length
+    )
     w = tl.load(W + bh * length + tok)
     v = tl.load(V + bh * length + tok)
     pq = (bi * length + tok[:, None]) * H * P + hi * P + op[None, :]
@@ -249,7 +253,9 @@ class _SSDCore(torch.autograd.Function):
         # gradient reaching each chunk's entering state from that chunk's outputs
         z = _chunk_states(C, dy, w, h, q)
         dfinal = None if dfinal is None else dfinal.float().contiguous()
-        leaving, dinit = _state_pass(z, gamma, dfinal, reverse=True)  # leaving[c]: grad of S_in[c+1]
+        leaving, dinit = _state_pass(
+            z, gamma, dfinal, reverse=True
+        )  # leaving[c]: grad of S_in[c+1]
         dgamma = (entering * leaving).sum((-1, -2))
         du = torch.empty_like(u)
         db = torch.empty(b, length, h, n, device=u.device, dtype=torch.float32)
@@ -278,7 +284,7 @@ def ssd_scan_triton(
         raise ValueError(
             f"backend='triton' needs chunk_size a power of two >= 16; got {chunk_size}."
         )
-    b, seqlen, h, p = x.shape
+    b, seqlen, h = x.shape[:3]
     q = chunk_size
     pad = (-seqlen) % q
     xf = x.float()
