@@ -46,18 +46,17 @@ def _drop_mamba_modules():
 def kernel():
     """``mamba_chunk_scan_combined``, wired into ``ssd_scan(backend="mamba_ssm")``."""
     mp = pytest.MonkeyPatch()
-    if ON_GPU:
-        fn = _ssd._mamba_chunk_scan()
-        if fn is None:
-            pytest.skip("mamba-ssm does not import here")
-    else:
-        mp.setenv("MAMBA_DETERMINISTIC", "1")  # one autotune config: no benchmarking on CPU
+    fn = _ssd._mamba_chunk_scan() if ON_GPU else None
+    if fn is None:  # mamba-ssm without its CUDA build: load only its Triton modules
+        if not ON_GPU:
+            mp.setenv("MAMBA_DETERMINISTIC", "1")  # one autotune config: no benchmarking on CPU
         _drop_mamba_modules()
         spec = importlib.util.find_spec("mamba_ssm")
         pkg = types.ModuleType("mamba_ssm")
         pkg.__path__ = list(spec.submodule_search_locations)
         mp.setitem(sys.modules, "mamba_ssm", pkg)
         mp.setitem(sys.modules, "selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
+    if not ON_GPU:  # the two CUDA queries its kernels make, answered for CPU tensors
         device = torch.cuda.device
         mp.setattr(
             torch.cuda, "device", lambda i: contextlib.nullcontext() if i is None else device(i)
@@ -67,12 +66,12 @@ def kernel():
             "get_device_properties",
             lambda d: types.SimpleNamespace(multi_processor_count=2),
         )
+    if fn is None:
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as fn
     mp.setattr(_ssd, "_mamba_chunk_scan", lambda: fn)
     yield fn
     mp.undo()
-    if not ON_GPU:
-        _drop_mamba_modules()
+    _drop_mamba_modules()
 
 
 def make_inputs(b, length, h, p, g, n, seed):
