@@ -277,6 +277,10 @@ def markdown(result: dict) -> str:
         )
     for length, ratio in result.get("speedup_vs_transformer", {}).items():
         lines.append(f"\nMamba2 / transformer tokens/s at {length} tokens per cell: {ratio}x")
+    for length, ratio in result.get("triton_time_vs_mamba_ssm", {}).items():
+        lines.append(
+            f"\nOwn Triton / mamba-ssm time per step at {length} tokens per cell: {ratio}x"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -328,12 +332,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def write(args, sizes, device, name, rows, files=True) -> str:
     """The result so far as JSON and markdown (files unless ``files=False``); the table."""
-    best = {}
+    best, own = {}, {}
     for length in args.lengths:
         speeds = {r["model"]: r.get("tokens_per_s") for r in rows if r["tokens_per_cell"] == length}
         mamba = max((v for k, v in speeds.items() if k.startswith("mamba") and v), default=None)
         if mamba and speeds.get("transformer"):
             best[str(length)] = round(mamba / speeds["transformer"], 2)
+        if speeds.get("mamba/triton") and speeds.get("mamba/mamba_ssm"):
+            own[str(length)] = round(speeds["mamba/mamba_ssm"] / speeds["mamba/triton"], 2)
     result = {
         "preset": args.preset,
         "sizes": sizes,
@@ -341,6 +347,7 @@ def write(args, sizes, device, name, rows, files=True) -> str:
         "machine": machine(device),
         "rows": rows,
         "speedup_vs_transformer": best,
+        "triton_time_vs_mamba_ssm": own,
     }
     table = markdown(result)
     if files:

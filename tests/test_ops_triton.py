@@ -27,7 +27,7 @@ RUN_KERNELS = HAS_TRITON and (torch.cuda.is_available() or INTERPRETED)
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
 kernel_test = pytest.mark.skipif(
     not RUN_KERNELS,
-    reason="needs triton; on CPU run by test_kernels_under_the_interpreter (TRITON_INTERPRET=1)",
+    reason="kernel test: runs on CUDA, or on CPU in test_kernels_under_the_interpreter's child",
 )
 ROOT = Path(__file__).resolve().parents[1]
 INTERPRETED_FILES = ["tests/test_ops_triton.py", "tests/test_ops_mamba_ssm.py"]
