@@ -27,11 +27,16 @@ MAMBA=mamba-ssm==2.3.2.post1
 if [ "${1:-}" = "--fetch" ]; then
     set -e
     mkdir -p "$WHEELS"
-    grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >>"$(git rev-parse --git-common-dir)/info/exclude"
-    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
-        --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-        --platform manylinux2014_x86_64 -d "$WHEELS" $MISSING
-    python3 -m pip download -q --no-deps --no-binary=:all: -d "$WHEELS" "$MAMBA"
+    EXCLUDE="$(git rev-parse --git-common-dir)/info/exclude"
+    grep -qx '/.whl/' "$EXCLUDE" 2>/dev/null || echo '/.whl/' >>"$EXCLUDE"
+    for req in $MISSING; do  # a wheel for the GPU image, else one built here (pure Python)
+        python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+            --implementation cp --platform manylinux_2_28_x86_64 \
+            --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$WHEELS" "$req" \
+            2>/dev/null || python3 -m pip wheel -q --no-deps -w "$WHEELS" "$req"
+    done
+    MAMBA_SKIP_CUDA_BUILD=TRUE python3 -m pip download -q --no-deps --no-binary=:all: \
+        --no-build-isolation -d "$WHEELS" "$MAMBA"
     python3 -m pip wheel -q --no-deps -w "$WHEELS" .
     du -sh "$WHEELS"
     exit 0
