@@ -164,6 +164,7 @@ def test_auto_backend_choice(monkeypatch):
     assert _ssd._pick_backend("auto", on_cuda=False) == "torch"
     monkeypatch.setattr(_ssd, "mamba_ssm_available", lambda: False)
     assert _ssd._pick_backend("auto", on_cuda=True) == "triton"
+    assert _ssd._pick_backend("auto", on_cuda=True, chunk_size=100) == "torch"
     monkeypatch.setattr(_ssd, "triton_available", lambda: False)
     assert _ssd._pick_backend("auto", on_cuda=True) == "torch"
     assert _ssd._pick_backend("triton", on_cuda=False) == "triton"

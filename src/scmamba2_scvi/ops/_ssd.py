@@ -356,8 +356,8 @@ def _split_scan(call, x, dt, A, B, C, D, chunk_size, initial_state, seq_idx, fin
     return (y, state) if final else y
 
 
-def _pick_backend(backend: str, on_cuda: bool) -> str:
-    """The backend ``ssd_scan`` uses for a ``backend`` argument and the tensors' device."""
+def _pick_backend(backend: str, on_cuda: bool, chunk_size: int = 64) -> str:
+    """The backend ``ssd_scan`` uses for a ``backend`` argument, the device and the chunk size."""
     if backend not in ("auto", "torch", "mamba_ssm", "triton"):
         raise ValueError(
             f"backend must be 'auto', 'torch', 'mamba_ssm' or 'triton'; got {backend!r}."
@@ -366,7 +366,8 @@ def _pick_backend(backend: str, on_cuda: bool) -> str:
         return backend
     if on_cuda and mamba_ssm_available():
         return "mamba_ssm"
-    if on_cuda and triton_available():
+    # the own kernel tiles chunks as powers of two >= 16
+    if on_cuda and triton_available() and chunk_size >= 16 and not chunk_size & (chunk_size - 1):
         return "triton"
     return "torch"
 
@@ -421,7 +422,8 @@ def ssd_scan(
         Also return the ``(batch, heads, head_dim, d_state)`` state after the last token.
     backend
         ``"auto"``: on CUDA tensors mamba-ssm's Triton kernel when it imports, else the own
-        Triton kernel when ``triton`` imports, else the torch reference; on CPU the torch
+        Triton kernel when ``triton`` imports (and ``chunk_size`` is a power of two >= 16),
+        else the torch reference; on CPU the torch
         reference. ``"torch"``, ``"mamba_ssm"`` or ``"triton"`` force one. The kernels run on
         CUDA tensors (or on CPU under ``TRITON_INTERPRET=1``, for tests); scans too large for
         their int32 offsets are split over the batch and over sequence blocks (exact).
@@ -431,7 +433,7 @@ def ssd_scan(
     ``y`` with the shape and dtype of ``x``, and the final state (float32) when asked.
     """
     _check_inputs(x, dt, A, B, C, D, chunk_size, initial_state, seq_idx)
-    backend = _pick_backend(backend, x.is_cuda)
+    backend = _pick_backend(backend, x.is_cuda, chunk_size)
     args = (x, dt, A, B, C, D, chunk_size, initial_state, seq_idx, return_final_state)
     if backend == "torch":
         return ssd_scan_torch(
