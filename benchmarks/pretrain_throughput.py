@@ -1,4 +1,4 @@
-"""Pretraining throughput: SC-MAMBA2 (torch SSD vs mamba-ssm) vs a transformer of the same size.
+"""Pretraining throughput: SC-MAMBA2 (torch SSD, mamba-ssm, own Triton) vs a same-size transformer.
 
 One optimizer step (forward, backward, AdamW) of the whole pretraining network on packed cells
 (no padding) of a given length, bf16 autocast on GPU. Per configuration: tokens/s, cells/s, peak
@@ -6,13 +6,17 @@ memory, and model FLOPs utilisation (MFU: FLOPs of the step, counted by
 ``torch.utils.flop_counter`` on the torch SSD path, over the device's dense bf16 peak).
 
 - ``mamba/torch``: :class:`~scmamba2_scvi.module.SCMamba2Module`, pure-PyTorch chunked SSD;
-- ``mamba/mamba_ssm``: the same weights with mamba-ssm's Triton SSD kernel (GPU, when installed);
+- ``mamba/mamba_ssm``: the same weights with mamba-ssm's Triton SSD kernel (GPU, when installed;
+  a mamba-ssm installed without its CUDA extensions is used through its Triton modules alone);
+- ``mamba/triton``: the same weights with the package's own Triton SSD kernel (GPU, with triton);
 - ``transformer``: same ``d_model`` and depth, pre-norm encoder layers with 4x feed-forward and
   ``scaled_dot_product_attention`` (flash attention on GPU), the same embedding and heads.
 
 The paper-medium preset (768 x 24) at 2,048, 20,000 and 60,000 tokens per cell is the default on
 GPU; ``--smoke`` runs tiny sizes in seconds (CPU) to check the script. Results are written to
-``benchmarks/results/pretrain_throughput_<device>.{json,md}`` with the device name and date.
+``benchmarks/results/pretrain_throughput_<device>.{json,md}`` with the device name and date,
+rewritten after every row (a run stopped by a time limit keeps what it measured).
+``benchmarks/gpu_check.sh`` runs it on a GPU machine.
 
 Usage::
 
@@ -24,10 +28,15 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.metadata
+import importlib.util
 import json
 import platform
+import re
 import statistics
+import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -35,7 +44,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from scmamba2_scvi.model import build_module
-from scmamba2_scvi.ops import mamba_ssm_available
+from scmamba2_scvi.ops import _ssd, mamba_ssm_available, triton_available
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -97,7 +106,7 @@ class TransformerEncoder(nn.Module):
 
 def build(kind: str, preset: str, sizes: dict, n_vocab: int, device: str) -> nn.Module:
     """The pretraining network; the transformer swaps the encoder, keeps embeddings and heads."""
-    backend = "mamba_ssm" if kind == "mamba/mamba_ssm" else "torch"
+    backend = {"mamba/mamba_ssm": "mamba_ssm", "mamba/triton": "triton"}.get(kind, "torch")
     module, resolved = build_module(
         n_vocab, 0, 0, {"preset": preset, "backend": backend, "dropout": 0.0, **sizes}
     )
@@ -205,11 +214,39 @@ def machine(device: str) -> dict:
     if device == "cuda":
         info["cuda"] = torch.version.cuda
         info["peak_bf16_flops"] = device_peak(info["device"])
-    if mamba_ssm_available():
-        import mamba_ssm
-
-        info["mamba_ssm"] = mamba_ssm.__version__
+    for name in ("mamba_ssm", "triton"):
+        try:
+            info[name] = importlib.metadata.version(name.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
+            pass
     return info
+
+
+def load_mamba_ssm_triton() -> bool:
+    """Make mamba-ssm's Triton SSD kernel reachable, also when mamba-ssm lacks its CUDA build.
+
+    ``import mamba_ssm`` needs the compiled ``selective_scan_cuda``; its SSD kernels do not. When
+    the normal import fails, load ``mamba_ssm.ops.triton.ssd_combined`` under a bare parent
+    package with a stub ``selective_scan_cuda`` and hand it to the dispatch (benchmark only).
+    """
+    if mamba_ssm_available():
+        return True
+    spec = importlib.util.find_spec("mamba_ssm")
+    if spec is None:
+        return False
+    for name in [m for m in sys.modules if m == "mamba_ssm" or m.startswith("mamba_ssm.")]:
+        del sys.modules[name]
+    pkg = types.ModuleType("mamba_ssm")
+    pkg.__path__ = list(spec.submodule_search_locations)
+    sys.modules["mamba_ssm"] = pkg
+    sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except Exception as err:  # an incompatible triton, say: the rows will be missing
+        print(f"mamba-ssm's Triton kernels do not load: {err}")
+        return False
+    _ssd._mamba_chunk_scan = lambda: mamba_chunk_scan_combined
+    return True
 
 
 def markdown(result: dict) -> str:
@@ -240,6 +277,10 @@ def markdown(result: dict) -> str:
         )
     for length, ratio in result.get("speedup_vs_transformer", {}).items():
         lines.append(f"\nMamba2 / transformer tokens/s at {length} tokens per cell: {ratio}x")
+    for length, ratio in result.get("triton_time_vs_mamba_ssm", {}).items():
+        lines.append(
+            f"\nOwn Triton / mamba-ssm time per step at {length} tokens per cell: {ratio}x"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -253,17 +294,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--n-vocab", type=int, default=60697)
     parser.add_argument("--models", nargs="+", default=None)
+    parser.add_argument("--device-name", default=None, help="file-name suffix (default: the GPU's)")
     args = parser.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sizes: dict = {}
     if args.smoke:
         sizes = {"d_model": 64, "n_layers": 2, "d_state": 16, "head_dim": 16}
-        args.preset, args.lengths, args.tokens_per_step = "cpu-small", [256, 1024], 2048
-        args.steps, args.n_vocab = 2, 2000
+        args.preset, args.lengths, args.tokens_per_step = "cpu-small", [128, 256], 512
+        args.steps, args.n_vocab = 1, 2000
     models = args.models or ["mamba/torch", "transformer"]
-    if args.models is None and device == "cuda" and mamba_ssm_available():
-        models.insert(1, "mamba/mamba_ssm")
+    if args.models is None and device == "cuda":
+        if triton_available():
+            models.insert(1, "mamba/triton")
+        if load_mamba_ssm_triton():
+            models.insert(1, "mamba/mamba_ssm")
+    name = args.device_name or (
+        re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name()).strip("-")
+        if device == "cuda"
+        else device
+    )
     rows = []
     for length in args.lengths:
         for kind in models:
@@ -273,12 +323,23 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
             print(json.dumps(row), flush=True)
             rows.append(row)
-    best = {}
+            if not args.smoke:
+                write(args, sizes, device, name, rows)
+    table = write(args, sizes, device, name, rows, files=not args.smoke)
+    print(table)
+    return 0
+
+
+def write(args, sizes, device, name, rows, files=True) -> str:
+    """The result so far as JSON and markdown (files unless ``files=False``); the table."""
+    best, own = {}, {}
     for length in args.lengths:
         speeds = {r["model"]: r.get("tokens_per_s") for r in rows if r["tokens_per_cell"] == length}
         mamba = max((v for k, v in speeds.items() if k.startswith("mamba") and v), default=None)
         if mamba and speeds.get("transformer"):
             best[str(length)] = round(mamba / speeds["transformer"], 2)
+        if speeds.get("mamba/triton") and speeds.get("mamba/mamba_ssm"):
+            own[str(length)] = round(speeds["mamba/mamba_ssm"] / speeds["mamba/triton"], 2)
     result = {
         "preset": args.preset,
         "sizes": sizes,
@@ -286,16 +347,15 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(device),
         "rows": rows,
         "speedup_vs_transformer": best,
+        "triton_time_vs_mamba_ssm": own,
     }
     table = markdown(result)
-    print(table)
-    if not args.smoke:
+    if files:
         RESULTS.mkdir(exist_ok=True)
-        stem = RESULTS / f"pretrain_throughput_{device}"
+        stem = RESULTS / f"pretrain_throughput_{name}"
         stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
         stem.with_suffix(".md").write_text(table)
-        print(f"wrote {stem}.json and .md")
-    return 0
+    return table
 
 
 if __name__ == "__main__":

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import functools
+import os
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-Backend = Literal["auto", "torch", "mamba_ssm"]
+Backend = Literal["auto", "torch", "mamba_ssm", "triton"]
 
 # Chunks whose states are combined with one dense (G x G) decay matrix before moving on.
 # Bounds the inter-chunk work per step while keeping the Python loop short (L / (Q * G) steps).
 _CHUNK_GROUP = 32
 # Tokens per block when the torch scan runs on CPU (see ``ssd_scan_torch(block_len=...)``).
 _SEQ_BLOCK = 2048
+# Largest element offset one kernel call may address. mamba-ssm's SSD kernels compute pointer
+# offsets in int32 and silently corrupt the output past 2**31 (state-spaces/mamba#1015), which a
+# whole-transcriptome cell (~60k tokens) reaches; larger scans are split before the call.
+_KERNEL_MAX_OFFSET = 2**31 - 1
 
 
 @functools.cache
@@ -30,6 +35,21 @@ def _mamba_chunk_scan():
 def mamba_ssm_available() -> bool:
     """Whether mamba-ssm's Triton SSD kernel can be imported in this environment."""
     return _mamba_chunk_scan() is not None
+
+
+@functools.cache
+def _triton_scan():
+    """Import the own Triton scan lazily; ``None`` when ``triton`` is not importable."""
+    try:
+        from ._triton_ssd import ssd_scan_triton
+    except ImportError:
+        return None
+    return ssd_scan_triton
+
+
+def triton_available() -> bool:
+    """Whether the own Triton SSD kernel (``backend="triton"``) can be imported."""
+    return _triton_scan() is not None
 
 
 def segment_ids(seq_idx: torch.Tensor) -> torch.Tensor:
@@ -229,6 +249,129 @@ def _check_inputs(x, dt, A, B, C, D, chunk_size, initial_state, seq_idx) -> None
         raise ValueError(f"seq_idx must have shape {(b, seqlen)}; got {tuple(seq_idx.shape)}.")
 
 
+def _mamba_ssm_call(kernel, x, dt, A, B, C, D, chunk_size, initial_state, seq_idx, final):
+    """Our scan through ``mamba_chunk_scan_combined``, with its semantics made to match ours.
+
+    - ``dt`` is already positive here: no ``dt_bias``, ``dt_softplus=False`` (its default
+      ``dt_limit=(0, inf)`` clamp is then the identity).
+    - mamba-ssm compares ``seq_idx`` values, treats the state entering a row as belonging to
+      sequence 0, and joins tokens of equal id even when they are not contiguous. It gets the
+      monotone segment ids (0 at each row's start, +1 at every change): ``initial_state`` goes to
+      the first packed sequence whatever its id, and a repeated id starts a new sequence.
+    - The final state comes back float32.
+    """
+    out = kernel(
+        x,
+        dt,
+        A,
+        B,
+        C,
+        chunk_size,
+        D=D,
+        z=None,
+        dt_bias=None,
+        initial_states=initial_state,
+        seq_idx=None if seq_idx is None else segment_ids(seq_idx).to(torch.int32).contiguous(),
+        dt_softplus=False,
+        return_final_states=final,
+    )
+    return (out[0], out[1].float()) if final else out
+
+
+def _triton_call(kernel, x, dt, A, B, C, D, chunk_size, initial_state, seq_idx, final):
+    return kernel(
+        x,
+        dt,
+        A,
+        B,
+        C,
+        D=D,
+        chunk_size=chunk_size,
+        initial_state=initial_state,
+        seq_idx=seq_idx,
+        return_final_state=final,
+    )
+
+
+def _kernel_extent(x, dt, B, C, chunk_size) -> tuple[int, int]:
+    """Elements one kernel call addresses, per token and per batch row.
+
+    Over its inputs (with their strides), its output and its largest intermediates (chunk states,
+    ``h * p * n`` per chunk; in-chunk scores, ``g * Q`` per token).
+    """
+    h, p = x.shape[2:]
+    g, n = B.shape[2:]
+    per_token = max(
+        *(t.stride(1) for t in (x, dt, B, C)), h * p, -(-h * p * n // chunk_size), g * chunk_size
+    )
+    row = per_token * x.shape[1]
+    if x.shape[0] > 1:  # a batch stride only matters when there is a second row
+        row = max(row, *(t.stride(0) for t in (x, dt, B, C)))
+    return per_token, row
+
+
+def _split_scan(call, x, dt, A, B, C, D, chunk_size, initial_state, seq_idx, final):
+    """Run ``call`` on pieces small enough for int32 offsets (see ``_KERNEL_MAX_OFFSET``), exact.
+
+    Over the batch first (each group of rows a compact copy); a single row still too large is
+    scanned in blocks of whole chunks, each starting from the previous block's final state (reset
+    where a packed sequence starts at the block boundary), as ``ssd_scan_torch(block_len=...)``.
+    """
+    b, seqlen = x.shape[:2]
+    row = _kernel_extent(x, dt, B, C, chunk_size)[1]
+    if b * row <= _KERNEL_MAX_OFFSET:
+        return call(x, dt, A, B, C, D, chunk_size, initial_state, seq_idx, final)
+    if b > 1:
+        step = max(1, _KERNEL_MAX_OFFSET // row)
+        parts = [
+            _split_scan(
+                call,
+                *(t[i : i + step].contiguous() for t in (x, dt)),
+                A,
+                *(t[i : i + step].contiguous() for t in (B, C)),
+                D,
+                chunk_size,
+                None if initial_state is None else initial_state[i : i + step],
+                None if seq_idx is None else seq_idx[i : i + step],
+                True,
+            )
+            for i in range(0, b, step)
+        ]
+        y = torch.cat([part[0] for part in parts])
+        return (y, torch.cat([part[1] for part in parts])) if final else y
+    x, dt, B, C = (t.contiguous() for t in (x, dt, B, C))
+    block = _KERNEL_MAX_OFFSET // _kernel_extent(x[:, :1], dt[:, :1], B[:, :1], C[:, :1],
+                                                   chunk_size)[0]  # fmt: skip
+    block = max(chunk_size, block // chunk_size * chunk_size)
+    state, ys, prev = initial_state, [], None
+    for start in range(0, seqlen, block):
+        piece = [t[:, start : start + block] for t in (x, dt, B, C)]
+        ib = None if seq_idx is None else seq_idx[:, start : start + block]
+        if state is not None and ib is not None and prev is not None:
+            state = state * (ib[:, 0] == prev[:, -1]).view(-1, 1, 1, 1).to(state.dtype)
+        y, state = call(piece[0], piece[1], A, piece[2], piece[3], D, chunk_size, state, ib, True)
+        ys.append(y)
+        prev = ib
+    y = torch.cat(ys, 1)
+    return (y, state) if final else y
+
+
+def _pick_backend(backend: str, on_cuda: bool, chunk_size: int = 64) -> str:
+    """The backend ``ssd_scan`` uses for a ``backend`` argument, the device and the chunk size."""
+    if backend not in ("auto", "torch", "mamba_ssm", "triton"):
+        raise ValueError(
+            f"backend must be 'auto', 'torch', 'mamba_ssm' or 'triton'; got {backend!r}."
+        )
+    if backend != "auto":
+        return backend
+    if on_cuda and mamba_ssm_available():
+        return "mamba_ssm"
+    # the own kernel tiles chunks as powers of two >= 16
+    if on_cuda and triton_available() and chunk_size >= 16 and not chunk_size & (chunk_size - 1):
+        return "triton"
+    return "torch"
+
+
 def ssd_scan(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -278,53 +421,50 @@ def ssd_scan(
     return_final_state
         Also return the ``(batch, heads, head_dim, d_state)`` state after the last token.
     backend
-        ``"auto"`` uses mamba-ssm's Triton kernel on CUDA tensors when it imports, else the torch
-        reference; ``"torch"`` or ``"mamba_ssm"`` force one.
+        ``"auto"``: on CUDA tensors mamba-ssm's Triton kernel when it imports, else the own
+        Triton kernel when ``triton`` imports (and ``chunk_size`` is a power of two >= 16),
+        else the torch reference; on CPU the torch
+        reference. ``"torch"``, ``"mamba_ssm"`` or ``"triton"`` force one. The kernels run on
+        CUDA tensors (or on CPU under ``TRITON_INTERPRET=1``, for tests); scans too large for
+        their int32 offsets are split over the batch and over sequence blocks (exact).
 
     Returns
     -------
     ``y`` with the shape and dtype of ``x``, and the final state (float32) when asked.
     """
     _check_inputs(x, dt, A, B, C, D, chunk_size, initial_state, seq_idx)
-    if backend not in ("auto", "torch", "mamba_ssm"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'mamba_ssm'; got {backend!r}.")
-    use_kernel = backend == "mamba_ssm" or (
-        backend == "auto" and x.is_cuda and mamba_ssm_available()
-    )
-    if use_kernel:
-        kernel = _mamba_chunk_scan()
-        if kernel is None:
-            raise RuntimeError(
-                "backend='mamba_ssm' needs the mamba-ssm package with its CUDA extension: "
-                "`pip install 'scmamba2-scvi[cuda]'` on a machine with an NVIDIA GPU, or use "
-                "backend='torch'."
-            )
-        if not x.is_cuda:
-            raise RuntimeError(
-                "backend='mamba_ssm' runs on CUDA tensors only; use backend='torch'."
-            )
-        out = kernel(
+    backend = _pick_backend(backend, x.is_cuda, chunk_size)
+    args = (x, dt, A, B, C, D, chunk_size, initial_state, seq_idx, return_final_state)
+    if backend == "torch":
+        return ssd_scan_torch(
             x,
             dt,
             A,
             B,
             C,
-            chunk_size,
             D=D,
-            initial_states=initial_state,
-            seq_idx=None if seq_idx is None else seq_idx.to(torch.int32).contiguous(),
-            return_final_states=return_final_state,
+            chunk_size=chunk_size,
+            initial_state=initial_state,
+            seq_idx=seq_idx,
+            return_final_state=return_final_state,
         )
-        return out
-    return ssd_scan_torch(
-        x,
-        dt,
-        A,
-        B,
-        C,
-        D=D,
-        chunk_size=chunk_size,
-        initial_state=initial_state,
-        seq_idx=seq_idx,
-        return_final_state=return_final_state,
-    )
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"backend={backend!r} runs on CUDA tensors only; use backend='torch'.")
+    if backend == "mamba_ssm":
+        kernel = _mamba_chunk_scan()
+        if kernel is None:
+            raise RuntimeError(
+                "backend='mamba_ssm' needs the mamba-ssm package with its CUDA extension: "
+                "`pip install 'scmamba2-scvi[cuda]'` on a machine with an NVIDIA GPU, or use "
+                "backend='triton' or 'torch'."
+            )
+        call = functools.partial(_mamba_ssm_call, kernel)
+    else:
+        kernel = _triton_scan()
+        if kernel is None:
+            raise RuntimeError(
+                "backend='triton' needs the triton package (CUDA builds of torch bring it): "
+                "`pip install 'scmamba2-scvi[triton]'`, or use backend='torch'."
+            )
+        call = functools.partial(_triton_call, kernel)
+    return _split_scan(call, *args)
