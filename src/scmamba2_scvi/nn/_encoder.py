@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 from scmamba2_scvi.ops import bidirectional_blocks
 from scmamba2_scvi.ops._ssd import Backend
 
-from ._mixer import HydraMixer, Mamba2Mixer, RMSNorm, flip, reverse_index
+from ._mixer import HydraMixer, Mamba2Mixer, RMSNorm, reverse_index
 
 Bidirectional = Literal["shared_flip", "hydra"]
 
@@ -80,18 +80,15 @@ class BiMamba2Block(nn.Module):
         and the states between blocks are kept for the backward pass (see
         :func:`~scmamba2_scvi.ops.bidirectional_blocks`).
         """
-        mixer = self.mixer
-        b = h.shape[0]
-        y = bidirectional_blocks(
+        return bidirectional_blocks(
             self._mixer_step,
             h,
             reverse,
             seq_idx,
-            [p for p in mixer.parameters() if p.requires_grad],
+            [p for p in self.mixer.parameters() if p.requires_grad],
             tokens_per_block=tokens_per_block,
-            context=max(1, mixer.d_conv - 1),
+            context=max(1, self.mixer.d_conv - 1),
         )
-        return 0.5 * (y[:b] + flip(y[b:], reverse))
 
     def _mixer_step(self, h2, idx2, n_context, ssm_state):
         """The mixer on one block (both directions), after ``n_context`` tokens of context."""

@@ -119,7 +119,7 @@ class _MixerBase(nn.Module):
         return ssd_scan(
             x.view(b, seqlen, self.n_heads, self.head_dim),
             F.softplus(dt + self.dt_bias),
-            -torch.exp(self.A_log.float()),
+            -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32))),
             B.view(b, seqlen, self.n_groups, self.d_state),
             C.view(b, seqlen, self.n_groups, self.d_state),
             D=D,

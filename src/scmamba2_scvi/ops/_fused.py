@@ -41,18 +41,19 @@ def _block_input(h, reverse, seqs, lo, end):
 
 def _run(step, h, reverse, seq_idx, spans, keep_states):
     seqs = None if seq_idx is None else torch.cat([seq_idx, seq_idx], 0)
-    out, state, states = None, None, []
+    b = h.shape[0]
+    fwd = bwd = state = None
+    states = []
     for lo, start, end in spans:
         if keep_states:
             states.append(state)
         h2, idx2 = _block_input(h, reverse, seqs, lo, end)
         y2, state = step(h2, idx2, start - lo, state)
-        if out is None:
-            if len(spans) == 1:
-                return y2, states
-            out = y2.new_empty(y2.shape[0], h.shape[1], *y2.shape[2:])
-        out[:, start:end] = y2
-    return out, states
+        if fwd is None:
+            fwd = y2.new_empty(b, h.shape[1], *y2.shape[2:])
+            bwd = torch.empty_like(fwd)
+        fwd[:, start:end], bwd[:, start:end] = y2[:b], y2[b:]
+    return fwd.add_(_gather(bwd, reverse)).mul_(0.5), states
 
 
 class _Recompute(torch.autograd.Function):
@@ -84,7 +85,8 @@ class _Recompute(torch.autograd.Function):
                 if state is not None:
                     state = state.detach().requires_grad_()
                 y2, state_out = ctx.step(h2, idx2, start - lo, state)
-                outputs, grads = [y2], [grad_out[:, start:end]]
+                g2 = torch.cat([grad_out[:, start:end], _gather(grad_out, reverse[:, start:end])])
+                outputs, grads = [y2], [0.5 * g2]
                 if grad_state is not None:
                     outputs.append(state_out)
                     grads.append(grad_state)
@@ -114,7 +116,7 @@ def bidirectional_blocks(
     tokens_per_block: int | None,
     context: int,
 ) -> torch.Tensor:
-    """Run ``step`` over a sequence and over its reversal, block by block, recomputed in backward.
+    """Average ``step`` over a sequence and over its reversal, block by block, recomputed in backward.
 
     Parameters
     ----------
@@ -139,8 +141,8 @@ def bidirectional_blocks(
 
     Returns
     -------
-    ``(2 * batch, length, ...)``: the forward direction's output (rows ``:batch``), then the
-    backward direction's, in reversed order (flip it back with ``reverse``).
+    ``(batch, length, ...)``: the mean of the forward direction's output and the backward
+    direction's, flipped back to the original order.
     """
     spans = _spans(h.shape[1], tokens_per_block, context)
     if torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in params)):
