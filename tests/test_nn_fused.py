@@ -1,4 +1,4 @@
-"""The recomputing shared-flip mixer against the per-token recurrence and the plain autograd path."""
+"""The recomputing shared-flip mixer against the per-token recurrence and the plain path."""
 
 import pytest
 import torch

@@ -198,6 +198,9 @@ class BiMamba2Encoder(nn.Module):
         self.d_model, self.n_layers, self.checkpointing = d_model, n_layers, checkpointing
         self.cpu_microbatch_elements = cpu_microbatch_elements
         self.tokens_per_block = tokens_per_block
+        #: encode the batch in groups of this many cells, each recomputed in the backward pass
+        #: (same result, memory of one group); set by the training memory guard
+        self.checkpoint_cells: int | None = None
         self.layers = nn.ModuleList(
             BiMamba2Block(
                 d_model,
@@ -260,16 +263,23 @@ class BiMamba2Encoder(nn.Module):
         n = b  # cells per micro-batch
         if self.cpu_microbatch_elements is not None and x.device.type == "cpu":
             n = max(1, self.cpu_microbatch_elements // (seqlen * self.d_model))
-        if n >= b:
+        recompute = self.checkpoint_cells is not None and self.training and torch.is_grad_enabled()
+        if recompute:
+            n = min(n, self.checkpoint_cells)
+        if n >= b and not recompute:
             return self._encode(x, key_padding_mask, seq_idx)
-        blocks = [
-            self._encode(
+        blocks = []
+        for i in range(0, b, n):
+            args = (
                 x[i : i + n],
                 None if key_padding_mask is None else key_padding_mask[i : i + n],
                 None if seq_idx is None else seq_idx[i : i + n],
             )
-            for i in range(0, b, n)
-        ]
+            blocks.append(
+                checkpoint(self._encode, *args, use_reentrant=False)
+                if recompute
+                else self._encode(*args)
+            )
         return torch.cat(blocks)
 
     def _encode(self, x, key_padding_mask, seq_idx) -> torch.Tensor:

@@ -198,7 +198,7 @@ class Mamba2Mixer(_MixerBase):
         """
         gn = self.n_groups * self.d_state
         z, xbc, dt = zxbcdt.split([self.d_inner, self.d_inner + 2 * gn, self.n_heads], -1)
-        b, seqlen = xbc.shape[:2]
+        seqlen = xbc.shape[1]
         ssm_state, context = None, self.d_conv - 1
         conv_in, conv_idx = xbc, seq_idx
         if state is not None:

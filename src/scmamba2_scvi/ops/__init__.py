@@ -6,4 +6,9 @@ from ._ssd import mamba_ssm_available, segment_ids, ssd_scan, ssd_scan_torch
 
 __all__ = [
     "bidirectional_blocks",
-    "depthwise_conv1d", "mamba_ssm_available", "segment_ids", "ssd_scan", "ssd_scan_torch"]
+    "depthwise_conv1d",
+    "mamba_ssm_available",
+    "segment_ids",
+    "ssd_scan",
+    "ssd_scan_torch",
+]

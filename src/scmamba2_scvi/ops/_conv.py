@@ -46,11 +46,8 @@ def depthwise_conv1d(
             groups=x.shape[-1],
         )
         return y.transpose(1, 2)
-    seqlen = x.shape[1]
-    xp = F.pad(x, (0, 0, left, k - 1 - left))
-    sp = F.pad(seq_idx, (left, k - 1 - left), value=-1)
-    y = torch.zeros_like(x) if bias is None else bias.expand_as(x).clone()
-    for j in range(k):
-        same = (sp[:, j : j + seqlen] == seq_idx)[..., None]
-        y = y + xp[:, j : j + seqlen] * weight[:, j] * same
-    return y
+    # every tap at once: (batch, length, channels, kernel) windows, taps from other sequences zeroed
+    windows = F.pad(x, (0, 0, left, k - 1 - left)).unfold(1, k, 1)
+    same = F.pad(seq_idx, (left, k - 1 - left), value=-1).unfold(1, k, 1) == seq_idx[..., None]
+    y = (windows * same[:, :, None, :].to(x.dtype) * weight).sum(-1)
+    return y if bias is None else y + bias

@@ -116,7 +116,7 @@ def bidirectional_blocks(
     tokens_per_block: int | None,
     context: int,
 ) -> torch.Tensor:
-    """Average ``step`` over a sequence and over its reversal, block by block, recomputed in backward.
+    """Mean of ``step`` over a sequence and its reversal, block by block, recomputed in backward.
 
     Parameters
     ----------
