@@ -13,6 +13,7 @@ from scmamba2_scvi.ops import bidirectional_blocks
 from scmamba2_scvi.ops._ssd import Backend
 
 from ._mixer import HydraMixer, Mamba2Mixer, RMSNorm, reverse_index
+from ._precision import Precision, autocast
 
 Bidirectional = Literal["shared_flip", "hydra"]
 
@@ -164,6 +165,10 @@ class BiMamba2Encoder(nn.Module):
         On CPU, ``"shared_flip"`` layers scan sequences longer than this in blocks of this many
         tokens, passing conv and SSM states between blocks (exact), so that the cost per token
         stays flat as sequences grow. ``None`` disables it. Not used on GPU or by ``"hydra"``.
+    precision
+        ``"fp32"``; ``"bf16"``: bfloat16 autocast inside the encoder (its output stays float32);
+        ``"auto"``: bfloat16 where the hardware runs it faster (see
+        :func:`~scmamba2_scvi.nn.bf16_pays`), else float32.
 
     Examples
     --------
@@ -193,11 +198,13 @@ class BiMamba2Encoder(nn.Module):
         backend: Backend = "auto",
         cpu_microbatch_elements: int | None = 2**19,
         tokens_per_block: int | None = 1024,
+        precision: Precision = "fp32",
     ):
         super().__init__()
         self.d_model, self.n_layers, self.checkpointing = d_model, n_layers, checkpointing
         self.cpu_microbatch_elements = cpu_microbatch_elements
         self.tokens_per_block = tokens_per_block
+        self.precision = precision
         #: encode the batch in groups of this many cells, each recomputed in the backward pass
         #: (same result, memory of one group); set by the training memory guard
         self.checkpoint_cells: int | None = None
@@ -260,6 +267,11 @@ class BiMamba2Encoder(nn.Module):
                 raise ValueError(
                     "key_padding_mask must pad on the right only (real tokens first, then padding)."
                 )
+        with autocast(self.precision, x.device):
+            return self._microbatches(x, key_padding_mask, seq_idx)
+
+    def _microbatches(self, x, key_padding_mask, seq_idx) -> torch.Tensor:
+        b, seqlen = x.shape[:2]
         n = b  # cells per micro-batch
         if self.cpu_microbatch_elements is not None and x.device.type == "cpu":
             n = max(1, self.cpu_microbatch_elements // (seqlen * self.d_model))

@@ -14,10 +14,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-#: ``step(h2, seq_idx2, n_context, state) -> (y2, state)``: the layer on one block of both
-#: directions stacked on the batch axis (forward rows first). ``h2`` starts with ``n_context``
-#: tokens of the previous block (read-only context, e.g. for a convolution); ``y2`` covers the
-#: other tokens; ``state`` is the tensor carried to the next block (``None`` before the first).
 Step = Callable[
     [torch.Tensor, torch.Tensor | None, int, torch.Tensor | None],
     tuple[torch.Tensor, torch.Tensor],
@@ -121,8 +117,12 @@ def bidirectional_blocks(
     Parameters
     ----------
     step
-        The layer on one block of both directions (see :data:`Step`); it must be deterministic
-        (no dropout), since the backward pass runs it again.
+        ``step(h2, seq_idx2, n_context, state) -> (y2, state)``: the layer on one block of both
+        directions stacked on the batch axis (forward rows first). ``h2`` starts with
+        ``n_context`` tokens of the previous block (read-only context, e.g. for a convolution);
+        ``y2`` covers the other tokens; ``state`` is the tensor carried to the next block
+        (``None`` before the first). It must be deterministic (no dropout), since the backward
+        pass runs it again.
     h
         ``(batch, length, features)`` layer input.
     reverse
