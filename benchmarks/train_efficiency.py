@@ -12,7 +12,8 @@ memory is its own and both versions see the same machine load. Measured on pbmc3
 - ``embed``: ``get_latent_representation`` cells/s;
 - ``layer``: one bidirectional layer (d_model 256), forward + backward at 4,096 and 65,536 tokens;
 - ``full_cell``: the ``default`` preset trained on one 60,000-token cell (``mode="full"``);
-- ``bf16`` and ``compile``: this checkout only, bf16 autocast and ``torch.compile``.
+- ``bf16`` (and ``compile`` with ``--compile``): this checkout only, bf16 autocast and
+  ``torch.compile``.
 
 Peak memory on CPU is the process's peak resident set (``VmHWM`` after a reset through
 ``/proc/self/clear_refs``): approximate, since the allocator keeps freed memory. Timings on a
@@ -49,7 +50,12 @@ def _status_mb(key: str) -> float:
 
 
 def _reset_peak() -> float:
-    """Reset the peak resident set; returns the current one (MB)."""
+    """Return freed memory to the OS, reset the peak resident set; returns the current one (MB)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # else the next step reuses memory the RSS holds
     Path("/proc/self/clear_refs").write_text("5")
     return _status_mb("VmRSS")
 
@@ -277,28 +283,23 @@ def machine_info() -> dict:
     }
 
 
-def plan(quick: bool, data: str) -> list[tuple[str, str, dict, bool]]:
+def plan(quick: bool, data: str, compile_: bool) -> list[tuple[str, str, dict, bool]]:
     """``(row name, worker, params, also on base)`` per measurement."""
     long = 8192 if quick else 65536
     rows = [
         ("matmul rate", "matmul", {"n": 512 if quick else 2048}, False),
-        (
-            "train cpu-small",
-            "train",
-            {"preset": "cpu-small", "batch_size": 16, "steps": 1},
-            True,
-        ),
-        ("train default", "train", {"preset": "default", "batch_size": 8, "steps": 1}, True),
-        ("embed cpu-small", "embed", {"preset": "cpu-small", "n_cells": 128}, True),
-        ("layer 4096", "layer", {"length": 4096}, True),
-        (f"layer {long}", "layer", {"length": long}, True),
+        ("train default", "train", {"preset": "default", "batch_size": 4, "steps": 1}, True),
+        ("train cpu-small", "train", {"preset": "cpu-small", "batch_size": 16, "steps": 1}, True),
+        ("embed cpu-small", "embed", {"preset": "cpu-small", "n_cells": 64}, True),
+        ("layer 4096", "layer", {"length": 4096, "repeats": 1}, True),
+        # the base needs ~10 GB here (encoder_scaling_cpu.md): this checkout only
+        (f"layer {long}", "layer", {"length": long, "repeats": 1}, False),
         (
             "train default bf16",
             "train",
-            {"preset": "default", "batch_size": 8, "steps": 1, "precision": "bf16"},
+            {"preset": "default", "batch_size": 4, "steps": 1, "precision": "bf16"},
             False,
         ),
-        ("layer 4096 compile", "layer", {"length": 4096, "compile": True}, False),
         (
             "full cell default",
             "full_cell",
@@ -306,6 +307,8 @@ def plan(quick: bool, data: str) -> list[tuple[str, str, dict, bool]]:
             False,
         ),
     ]
+    if compile_:
+        rows.append(("layer 4096 compile", "layer", {"length": 4096, "compile": True}, False))
     for _, _, params, _ in rows:
         params.setdefault("data", data)
     return rows
@@ -365,7 +368,8 @@ def _fmt(result: dict | None) -> str:
 
 def markdown(results: dict) -> str:
     lines = [
-        f"# Training efficiency (cpu, {results['machine']['date']})",
+        f"# Training efficiency (cpu, {results['machine']['date']})"
+        + (" (partial: the run was stopped)" if results.get("partial") else ""),
         "",
         f"Machine: `{json.dumps(results['machine'])}`",
         "",
@@ -390,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", default=BASE, help="commit to compare with")
     parser.add_argument("--data", default=str(PBMC3K))
     parser.add_argument("--quick", action="store_true", help="small sizes, nothing written")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per measurement")
     args = parser.parse_args(argv)
     if args.worker:
@@ -409,22 +414,27 @@ def main(argv: list[str] | None = None) -> int:
         "rows": {},
     }
     t_start = time.perf_counter()
-    for name, kind, params, on_base in plan(args.quick, args.data):
+    for name, kind, params, on_base in plan(args.quick, args.data, args.compile):
         row = results["rows"].setdefault(name, {})
         for version in ("base", "current") if on_base else ("current",):
             row[version] = measure(versions[version], kind, params, args.timeout)
             print(f"{name:22s} {version:8s} {_fmt(row[version])}", flush=True)
+        if not args.quick:  # keep what is measured so far
+            _write({**results, "summary": summarize(results["rows"]), "partial": True})
     results["wall_s"] = round(time.perf_counter() - t_start, 1)
     results["machine"]["load_average_at_end"] = [round(x, 1) for x in os.getloadavg()]
     results["summary"] = summarize(results["rows"])
-    text = markdown(results)
-    print(text)
+    print(markdown(results))
     if not args.quick:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "train_efficiency_cpu.json").write_text(json.dumps(results, indent=2))
-        (RESULTS / "train_efficiency_cpu.md").write_text(text)
+        _write(results)
         print(f"wrote {RESULTS / 'train_efficiency_cpu.json'} and .md")
     return 0
+
+
+def _write(results: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "train_efficiency_cpu.json").write_text(json.dumps(results, indent=2))
+    (RESULTS / "train_efficiency_cpu.md").write_text(markdown(results))
 
 
 def _dirty() -> bool:
