@@ -163,7 +163,7 @@ def test_cpu_micro_batches_give_the_same_result_and_gradients(bidirectional):
     pad = torch.arange(12)[None] >= torch.tensor([12, 3, 7, 12, 1])[:, None]
 
     def run(block):
-        enc.cpu_block = block
+        enc.cpu_microbatch_elements = block
         enc.zero_grad()
         xi = x.clone().requires_grad_()
         y = enc(xi, key_padding_mask=pad)
@@ -189,7 +189,7 @@ def test_sequence_blocks_give_the_same_result_and_gradients(packed):
         seq_idx = None
 
     def run(block, checkpointing=False):
-        enc.seq_block, enc.checkpointing = block, checkpointing
+        enc.tokens_per_block, enc.checkpointing = block, checkpointing
         enc.zero_grad()
         xi = x.clone().requires_grad_()
         y = enc(xi, key_padding_mask=pad, seq_idx=seq_idx)

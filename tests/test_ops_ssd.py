@@ -234,8 +234,8 @@ def test_mamba_ssm_backend_matches_torch(dtype):
     torch.testing.assert_close(s_k.float(), s_t.float(), rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("block_len", [32, 48, 100])
-def test_sequence_blocks_are_exact(block_len):
+@pytest.mark.parametrize("tokens_per_block", [32, 48, 100])
+def test_sequence_blocks_are_exact(tokens_per_block):
     """Blocked scanning (state passed between blocks) equals the recurrence, packed or not."""
 
     x, dt, A, B, C = make_case(2, 200, 4, 8, 2, 8, torch.float64, seed=17)
@@ -257,7 +257,7 @@ def test_sequence_blocks_are_exact(block_len):
             initial_state=s0,
             seq_idx=sidx,
             return_final_state=True,
-            block_len=block_len,
+            tokens_per_block=tokens_per_block,
         )
         y_ref, s_ref = naive_scan(x, dt, A, B, C, D, initial_state=s0, seq_idx=sidx)
         torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)

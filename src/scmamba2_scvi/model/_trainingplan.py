@@ -7,8 +7,11 @@ import math
 from typing import Any
 
 import torch
+from scvi import REGISTRY_KEYS
 from scvi.module.base import BaseModuleClass
 from scvi.train import TrainingPlan
+
+from scmamba2_scvi.module._memory import guard_step
 
 from ._utils import check_keywords
 
@@ -141,6 +144,11 @@ class SCMamba2TrainingPlan(TrainingPlan):
         Learning rate at the end of the cosine, as a fraction of ``lr``.
     betas
         AdamW betas.
+    memory_budget
+        Bytes a training step may use (default: the memory available when the step starts).
+        Before each step, a batch predicted not to fit is encoded in groups of cells recomputed
+        in the backward pass (same result); a batch where even one cell cannot fit raises a
+        :class:`MemoryError` naming the fix.
     **loss_kwargs
         Loss weights, see above.
     """
@@ -155,6 +163,7 @@ class SCMamba2TrainingPlan(TrainingPlan):
         warmup_steps: int | None = None,
         min_lr_ratio: float = 0.05,
         betas: tuple[float, float] = (0.9, 0.98),
+        memory_budget: float | None = None,
         **loss_kwargs,
     ):
         loss_names = [
@@ -167,6 +176,12 @@ class SCMamba2TrainingPlan(TrainingPlan):
         super().__init__(module, optimizer="AdamW", lr=lr, weight_decay=weight_decay, **loss_kwargs)
         self.warmup_ratio, self.warmup_steps = warmup_ratio, warmup_steps
         self.min_lr_ratio, self.betas = min_lr_ratio, betas
+        self.memory_budget = memory_budget
+
+    def training_step(self, batch, batch_idx):
+        """scvi-tools' step, after the memory guard has planned the batch."""
+        guard_step(self.module, batch[REGISTRY_KEYS.X_KEY], self.memory_budget)
+        return super().training_step(batch, batch_idx)
 
     def configure_optimizers(self):
         """AdamW and a per-step warm-up + cosine schedule (:func:`adamw_warmup_cosine`)."""

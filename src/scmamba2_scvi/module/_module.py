@@ -79,6 +79,9 @@ class SCMamba2Module(BaseModuleClass):
         Activation checkpointing in the encoder.
     backend
         SSD backend (``"auto"``, ``"torch"``, ``"mamba_ssm"``).
+    precision
+        Encoder precision: ``"fp32"``, ``"bf16"`` (autocast) or ``"auto"`` (bfloat16 where the
+        hardware runs it faster), see :class:`~scmamba2_scvi.nn.BiMamba2Encoder`.
     value_encoding
         ``"continuous"`` or ``"categorical"`` value embedding.
     n_bins
@@ -117,6 +120,7 @@ class SCMamba2Module(BaseModuleClass):
         dropout: float = 0.1,
         checkpointing: bool = False,
         backend: Literal["auto", "torch", "mamba_ssm"] = "auto",
+        precision: Literal["auto", "fp32", "bf16"] = "fp32",
         value_encoding: Literal["continuous", "categorical"] = "continuous",
         n_bins: int = 51,
         dsbn: bool = False,
@@ -150,6 +154,7 @@ class SCMamba2Module(BaseModuleClass):
             dropout=dropout,
             checkpointing=checkpointing,
             backend=backend,
+            precision=precision,
         )
         self.expr_decoder = ExprDecoder(d_model)
         self.query_decoder = GeneQueryDecoder(d_model)

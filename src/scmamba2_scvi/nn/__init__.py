@@ -12,6 +12,7 @@ from ._heads import (
     grad_reverse,
 )
 from ._mixer import HydraMixer, Mamba2Mixer, RMSNorm, flip, reverse_index
+from ._precision import bf16_pays, resolve_precision
 
 __all__ = [
     "MASK_VALUE",
@@ -26,7 +27,9 @@ __all__ = [
     "Mamba2Mixer",
     "RMSNorm",
     "ValueEncoder",
+    "bf16_pays",
     "flip",
     "grad_reverse",
+    "resolve_precision",
     "reverse_index",
 ]

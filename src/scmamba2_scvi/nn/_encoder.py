@@ -9,9 +9,11 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from scmamba2_scvi.ops import bidirectional_blocks
 from scmamba2_scvi.ops._ssd import Backend
 
-from ._mixer import HydraMixer, Mamba2Mixer, RMSNorm, flip, reverse_index
+from ._mixer import HydraMixer, Mamba2Mixer, RMSNorm, reverse_index
+from ._precision import Precision, autocast
 
 Bidirectional = Literal["shared_flip", "hydra"]
 
@@ -68,45 +70,44 @@ class BiMamba2Block(nn.Module):
                 nn.Linear(ffn_mult * d_model, d_model),
             )
 
-    def _shared_flip(self, h, reverse, seq_idx, seq_block, recompute) -> torch.Tensor:
-        """Both directions of the shared Mamba2 in one batched call per block of tokens.
+    def _shared_flip(self, h, reverse, seq_idx, tokens_per_block) -> torch.Tensor:
+        """Both directions of the shared Mamba2, block by block, recomputed in the backward pass.
 
-        The projections act token by token, so ``in_proj`` runs once and the backward direction
-        reads the projected tokens through the reverse index. With ``seq_block`` the two scans
-        step through the sequence block by block (forward: block k of the sequence; backward:
-        block k of its reversal), carrying their conv and SSM states: exact, and the block's
-        intermediates stay in cache. ``recompute``: recompute each block in the backward pass
-        (activation checkpointing inside the layer), so that memory no longer grows with the
-        blocks' intermediates.
+        The projections act token by token, so the backward direction reads the input tokens
+        through the reverse index. With ``tokens_per_block`` the two scans step through the
+        sequence block by block (forward: block k of the sequence; backward: block k of its
+        reversal), carrying their SSM states and reading the previous block's last tokens for
+        the convolution: exact, and a block's intermediates stay in cache. Only the layer input
+        and the states between blocks are kept for the backward pass (see
+        :func:`~scmamba2_scvi.ops.bidirectional_blocks`).
         """
-        b, seqlen = h.shape[:2]
-        zxbcdt = self.mixer.in_proj(h)
-        seqs = None if seq_idx is None else torch.cat([seq_idx, seq_idx], 0)
-        both = torch.cat([zxbcdt, flip(zxbcdt, reverse)], 0)
-        if not seq_block or seqlen <= seq_block:
-            y = self.mixer.inner(both, seq_idx=seqs)
-        else:
-            # split, not slices: the backward of a slice allocates a full-length gradient
-            blocks = both.split(seq_block, 1)
-            idx = [None] * len(blocks) if seqs is None else seqs.split(seq_block, 1)
-            state, ys = None, []
-            for blk, blk_idx in zip(blocks, idx):
-                if recompute:  # keep only each block's inputs and carried state for backward
-                    y_blk, state = checkpoint(
-                        self.mixer.inner,
-                        blk,
-                        seq_idx=blk_idx,
-                        state=state,
-                        return_state=True,
-                        use_reentrant=False,
-                    )
-                else:
-                    y_blk, state = self.mixer.inner(
-                        blk, seq_idx=blk_idx, state=state, return_state=True
-                    )
-                ys.append(y_blk)
-            y = torch.cat(ys, 1)
-        return self.mixer.out_proj(0.5 * (y[:b] + flip(y[b:], reverse)))
+        return bidirectional_blocks(
+            self._mixer_step,
+            h,
+            reverse,
+            seq_idx,
+            [p for p in self.mixer.parameters() if p.requires_grad],
+            tokens_per_block=tokens_per_block,
+            context=max(1, self.mixer.d_conv - 1),
+        )
+
+    def _mixer_step(self, h2, idx2, n_context, ssm_state):
+        """The mixer on one block (both directions), after ``n_context`` tokens of context."""
+        mixer = self.mixer
+        zxbcdt = mixer.in_proj(h2)
+        state = None
+        if n_context or ssm_state is not None:
+            gn = mixer.n_groups * mixer.d_state
+            tail = zxbcdt[:, :n_context, mixer.d_inner : 2 * mixer.d_inner + 2 * gn]
+            tail_idx = None if idx2 is None else idx2[:, :n_context]
+            state = (tail, tail_idx, ssm_state)
+        y, (_, _, ssm_state) = mixer.inner(
+            zxbcdt[:, n_context:],
+            seq_idx=None if idx2 is None else idx2[:, n_context:],
+            state=state,
+            return_state=True,
+        )
+        return mixer.out_proj(y), ssm_state
 
     def forward(
         self,
@@ -114,17 +115,16 @@ class BiMamba2Block(nn.Module):
         reverse: torch.Tensor,
         key_padding_mask: torch.Tensor | None = None,
         seq_idx: torch.Tensor | None = None,
-        seq_block: int | None = None,
-        recompute: bool = False,
+        tokens_per_block: int | None = None,
     ) -> torch.Tensor:
         """Update ``(batch, length, d_model)`` token states; see :class:`BiMamba2Encoder`.
 
-        ``seq_block`` (``"shared_flip"`` only): scan in blocks of this many tokens (exact);
-        ``recompute``: recompute those blocks in the backward pass instead of storing them.
+        ``tokens_per_block`` (``"shared_flip"`` only): scan the sequence in blocks of this many
+        tokens (exact).
         """
         h = self.norm(x)
         if self.bidirectional == "shared_flip":
-            m = self._shared_flip(h, reverse, seq_idx, seq_block, recompute)
+            m = self._shared_flip(h, reverse, seq_idx, tokens_per_block)
         else:
             m = self.mixer(h, reverse=reverse, key_padding_mask=key_padding_mask, seq_idx=seq_idx)
         x = x + self.dropout(m)
@@ -152,20 +152,23 @@ class BiMamba2Encoder(nn.Module):
     dropout
         Dropout on block outputs.
     checkpointing
-        Recompute activations in the backward pass (less memory, ~30% more time): each layer's,
-        and within a layer each sequence block's (see ``seq_block``).
+        Also recompute each whole layer in the backward pass, keeping only the layer inputs (the
+        ``"shared_flip"`` mixer always recomputes its own intermediates).
     backend
         SSD backend, see :func:`scmamba2_scvi.ops.ssd_scan`.
-    cpu_block
-        On CPU, cells are encoded in micro-batches of about this many ``tokens x d_model``
-        elements, so that a block's intermediates stay in the processor's cache: the scan is
-        bound by memory bandwidth, and this is 2.5-4x faster on a 2-core machine with the same
-        result (cells are independent). ``None`` encodes the whole batch at once. Not used on GPU.
-    seq_block
+    cpu_microbatch_elements
+        On CPU, the batch of cells is encoded in micro-batches of about this many
+        ``tokens x d_model`` elements, so that a micro-batch's intermediates stay in the
+        processor's cache (the scan is bound by memory bandwidth); the result is the same, since
+        cells are independent. ``None`` encodes the whole batch at once. Not used on GPU.
+    tokens_per_block
         On CPU, ``"shared_flip"`` layers scan sequences longer than this in blocks of this many
-        tokens, passing conv and SSM states between blocks (exact): the cost per token then stays
-        flat as sequences grow instead of falling off the cache. ``None`` disables it. Not used
-        on GPU or by ``"hydra"``.
+        tokens, passing conv and SSM states between blocks (exact), so that the cost per token
+        stays flat as sequences grow. ``None`` disables it. Not used on GPU or by ``"hydra"``.
+    precision
+        ``"fp32"``; ``"bf16"``: bfloat16 autocast inside the encoder (its output stays float32);
+        ``"auto"``: bfloat16 where the hardware runs it faster (see
+        :func:`~scmamba2_scvi.nn.bf16_pays`), else float32.
 
     Examples
     --------
@@ -193,12 +196,18 @@ class BiMamba2Encoder(nn.Module):
         dropout: float = 0.0,
         checkpointing: bool = False,
         backend: Backend = "auto",
-        cpu_block: int | None = 2**19,
-        seq_block: int | None = 1024,
+        cpu_microbatch_elements: int | None = 2**19,
+        tokens_per_block: int | None = 1024,
+        precision: Precision = "fp32",
     ):
         super().__init__()
         self.d_model, self.n_layers, self.checkpointing = d_model, n_layers, checkpointing
-        self.cpu_block, self.seq_block = cpu_block, seq_block
+        self.cpu_microbatch_elements = cpu_microbatch_elements
+        self.tokens_per_block = tokens_per_block
+        self.precision = precision
+        #: encode the batch in groups of this many cells, each recomputed in the backward pass
+        #: (same result, memory of one group); set by the training memory guard
+        self.checkpoint_cells: int | None = None
         self.layers = nn.ModuleList(
             BiMamba2Block(
                 d_model,
@@ -258,26 +267,38 @@ class BiMamba2Encoder(nn.Module):
                 raise ValueError(
                     "key_padding_mask must pad on the right only (real tokens first, then padding)."
                 )
-        per_block = b
-        if self.cpu_block is not None and x.device.type == "cpu":
-            per_block = max(1, self.cpu_block // (seqlen * self.d_model))
-        if per_block >= b:
+        with autocast(self.precision, x.device):
+            return self._microbatches(x, key_padding_mask, seq_idx)
+
+    def _microbatches(self, x, key_padding_mask, seq_idx) -> torch.Tensor:
+        b, seqlen = x.shape[:2]
+        n = b  # cells per micro-batch
+        if self.cpu_microbatch_elements is not None and x.device.type == "cpu":
+            n = max(1, self.cpu_microbatch_elements // (seqlen * self.d_model))
+        recompute = self.checkpoint_cells is not None and self.training and torch.is_grad_enabled()
+        if recompute:
+            n = min(n, self.checkpoint_cells)
+        if n >= b and not recompute:
             return self._encode(x, key_padding_mask, seq_idx)
-        blocks = [
-            self._encode(
-                x[i : i + per_block],
-                None if key_padding_mask is None else key_padding_mask[i : i + per_block],
-                None if seq_idx is None else seq_idx[i : i + per_block],
+        blocks = []
+        for i in range(0, b, n):
+            args = (
+                x[i : i + n],
+                None if key_padding_mask is None else key_padding_mask[i : i + n],
+                None if seq_idx is None else seq_idx[i : i + n],
             )
-            for i in range(0, b, per_block)
-        ]
+            blocks.append(
+                checkpoint(self._encode, *args, use_reentrant=False)
+                if recompute
+                else self._encode(*args)
+            )
         return torch.cat(blocks)
 
     def _encode(self, x, key_padding_mask, seq_idx) -> torch.Tensor:
         reverse = reverse_index(key_padding_mask, seq_idx, x.shape[:2], device=x.device)
-        seq_block = self.seq_block if x.device.type == "cpu" else None
+        tokens_per_block = self.tokens_per_block if x.device.type == "cpu" else None
         recompute = self.checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            args = (x, reverse, key_padding_mask, seq_idx, seq_block, recompute)
+            args = (x, reverse, key_padding_mask, seq_idx, tokens_per_block)
             x = checkpoint(layer, *args, use_reentrant=False) if recompute else layer(*args)
         return self.norm_f(x)

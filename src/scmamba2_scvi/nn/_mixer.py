@@ -119,7 +119,7 @@ class _MixerBase(nn.Module):
         return ssd_scan(
             x.view(b, seqlen, self.n_heads, self.head_dim),
             F.softplus(dt + self.dt_bias),
-            -torch.exp(self.A_log.float()),
+            -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32))),
             B.view(b, seqlen, self.n_groups, self.d_state),
             C.view(b, seqlen, self.n_groups, self.d_state),
             D=D,
@@ -185,7 +185,8 @@ class Mamba2Mixer(_MixerBase):
             Optional packed-sequence index.
         state
             The state returned by the call on the preceding tokens (conv inputs, their sequence
-            index, SSM state), to continue a sequence block by block; ``None`` at its start.
+            index or ``None`` when not packed, SSM state or ``None``), to continue a sequence block
+            by block; ``None`` at its start.
         return_state
             Also return the state after the last token.
 
@@ -197,17 +198,19 @@ class Mamba2Mixer(_MixerBase):
         """
         gn = self.n_groups * self.d_state
         z, xbc, dt = zxbcdt.split([self.d_inner, self.d_inner + 2 * gn, self.n_heads], -1)
-        b, seqlen = xbc.shape[:2]
+        seqlen = xbc.shape[1]
         ssm_state, context = None, self.d_conv - 1
+        conv_in, conv_idx = xbc, seq_idx
         if state is not None:
             tail, tail_idx, ssm_state = state
-            if seq_idx is None:
-                seq_idx = tail_idx.new_zeros(b, seqlen)
-            else:  # a sequence starting right here does not inherit the state
-                ssm_state = ssm_state * (seq_idx[:, :1] == tail_idx[:, -1:]).view(-1, 1, 1, 1)
-            conv_in, conv_idx = torch.cat([tail, xbc], 1), torch.cat([tail_idx, seq_idx], 1)
-        else:
-            conv_in, conv_idx = xbc, seq_idx
+            conv_in = torch.cat([tail, xbc], 1)
+            if (seq_idx is None) != (tail_idx is None):
+                raise ValueError("seq_idx and the state's sequence index must both be given.")
+            if seq_idx is not None:  # a sequence starting right here does not inherit the state
+                if ssm_state is not None:
+                    same = seq_idx[:, :1] == tail_idx[:, -1:]
+                    ssm_state = ssm_state * same.view(-1, 1, 1, 1)
+                conv_idx = torch.cat([tail_idx, seq_idx], 1)
         conv = depthwise_conv1d(
             conv_in, self.conv1d.weight[:, 0], self.conv1d.bias, seq_idx=conv_idx
         )
@@ -227,9 +230,8 @@ class Mamba2Mixer(_MixerBase):
         out = self.norm(y.flatten(-2), z)
         if not return_state:
             return out
-        if conv_idx is None:
-            conv_idx = conv_in.new_zeros(conv_in.shape[:2], dtype=torch.long)
-        return out, (conv_in[:, -context:], conv_idx[:, -context:], ssm_state)
+        tail_idx = None if conv_idx is None else conv_idx[:, conv_idx.shape[1] - context :]
+        return out, (conv_in[:, conv_in.shape[1] - context :], tail_idx, ssm_state)
 
 
 class HydraMixer(_MixerBase):

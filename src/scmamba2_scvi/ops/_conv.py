@@ -39,18 +39,41 @@ def depthwise_conv1d(
     k = weight.shape[-1]
     left = k - 1 if causal else (k - 1) // 2
     if seq_idx is None:
-        y = F.conv1d(
-            F.pad(x.transpose(1, 2), (left, k - 1 - left)),
-            weight[:, None, :],
-            bias,
-            groups=x.shape[-1],
-        )
-        return y.transpose(1, 2)
-    seqlen = x.shape[1]
-    xp = F.pad(x, (0, 0, left, k - 1 - left))
-    sp = F.pad(seq_idx, (left, k - 1 - left), value=-1)
-    y = torch.zeros_like(x) if bias is None else bias.expand_as(x).clone()
-    for j in range(k):
-        same = (sp[:, j : j + seqlen] == seq_idx)[..., None]
-        y = y + xp[:, j : j + seqlen] * weight[:, j] * same
-    return y
+        return _DepthwiseConv.apply(x, weight, bias, left)
+    # every tap at once: (batch, length, channels, kernel) windows, taps from other sequences zeroed
+    windows = F.pad(x, (0, 0, left, k - 1 - left)).unfold(1, k, 1)
+    same = F.pad(seq_idx, (left, k - 1 - left), value=-1).unfold(1, k, 1) == seq_idx[..., None]
+    y = (windows * same[:, :, None, :].to(x.dtype) * weight).sum(-1)
+    return y if bias is None else y + bias
+
+
+class _DepthwiseConv(torch.autograd.Function):
+    """``F.conv1d`` forward; a backward of one transposed convolution and one contraction.
+
+    The CPU backward of a depthwise ``conv1d`` (oneDNN) is many times slower than its forward;
+    the input gradient is itself a depthwise convolution (flipped filter) and the filter gradient
+    a contraction of the input windows with the output gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, left):
+        k = weight.shape[-1]
+        ctx.save_for_backward(x, weight)
+        ctx.left, ctx.has_bias = left, bias is not None
+        xt = F.pad(x.transpose(1, 2), (left, k - 1 - left))
+        return F.conv1d(xt, weight[:, None, :], bias, groups=x.shape[-1]).transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        k, left = weight.shape[-1], ctx.left
+        dtype = torch.promote_types(grad.dtype, x.dtype)
+        grad, xc = grad.to(dtype), x.to(dtype)
+        # x[s] reaches y[s + left - j] through tap j
+        gt = F.pad(grad.transpose(1, 2), (k - 1 - left, left))
+        flipped = weight.flip(-1)[:, None, :].to(dtype)
+        grad_x = F.conv1d(gt, flipped, groups=x.shape[-1]).transpose(1, 2)
+        windows = F.pad(xc, (0, 0, left, k - 1 - left)).unfold(1, k, 1)  # (b, L, C, k)
+        grad_w = torch.einsum("blck,blc->ck", windows, grad)
+        grad_b = grad.sum((0, 1)) if ctx.has_bias else None
+        return grad_x.to(x.dtype), grad_w.to(weight.dtype), grad_b, None

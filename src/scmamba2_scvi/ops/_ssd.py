@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import Literal
 
@@ -11,11 +12,8 @@ import torch.nn.functional as F
 
 Backend = Literal["auto", "torch", "mamba_ssm", "triton"]
 
-# Chunks whose states are combined with one dense (G x G) decay matrix before moving on.
-# Bounds the inter-chunk work per step while keeping the Python loop short (L / (Q * G) steps).
-_CHUNK_GROUP = 32
-# Tokens per block when the torch scan runs on CPU (see ``ssd_scan_torch(block_len=...)``).
-_SEQ_BLOCK = 2048
+# Tokens per block when the torch scan runs on CPU (see ``ssd_scan_torch(tokens_per_block=...)``).
+_CPU_TOKENS_PER_BLOCK = 2048
 # Largest element offset one kernel call may address. mamba-ssm's SSD kernels compute pointer
 # offsets in int32 and silently corrupt the output past 2**31 (state-spaces/mamba#1015), which a
 # whole-transcriptome cell (~60k tokens) reaches; larger scans are split before the call.
@@ -82,6 +80,35 @@ def _segsum(a: torch.Tensor) -> torch.Tensor:
     return x.masked_fill(~incl, float("-inf"))
 
 
+def _pass_states(decay: torch.Tensor, states: torch.Tensor, initial: torch.Tensor):
+    """States entering each chunk, ``S_c = exp(decay_c) S_{c-1} + states_c``, and the final one.
+
+    Two levels of dense decay matrices instead of a loop over chunks: the chunks are cut into
+    ``G ~ sqrt(n_chunks)`` groups of ``G``; states are combined within every group at once, then
+    the groups' end states across groups, so the work is ``O(n_chunks**1.5)`` states.
+
+    ``decay`` is ``(b, h, nc)`` (``-inf`` resets the state), ``states`` ``(b, h, nc, f)`` and
+    ``initial`` ``(b, h, f)``; returns the ``(b, h, nc, f)`` entering states and the final state.
+    """
+    b, h, nc, f = states.shape
+    size = max(1, math.isqrt(nc - 1) + 1)  # group size G with G * G >= nc
+    n_groups = -(-nc // size)
+    extra = n_groups * size - nc  # trailing chunks with decay 1 and no input: the state passes
+    a = F.pad(decay, (0, extra)).view(b, h, n_groups, size)
+    st = F.pad(states, (0, 0, 0, extra)).view(b, h, n_groups, size, f)
+    local = _segsum(a).exp() @ st  # (b, h, G', G, f): each group's states, entering with zero
+    a_in = a.cumsum(-1)  # decay from each group's start to each of its chunks
+    total = a_in[..., -1]  # (b, h, G')
+    ends = (
+        _segsum(total).exp() @ local[..., -1, :]
+        + total.cumsum(-1).exp()[..., None] * initial[:, :, None]
+    )  # state at the end of every group
+    into = torch.cat([initial[:, :, None], ends[:, :, :-1]], 2)  # state entering every group
+    s_all = (local + a_in.exp()[..., None] * into[:, :, :, None]).view(b, h, -1, f)
+    entering = torch.cat([initial[:, :, None], s_all[:, :, : nc - 1]], 2)
+    return entering, s_all[:, :, nc - 1]
+
+
 def ssd_scan_torch(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -94,7 +121,7 @@ def ssd_scan_torch(
     initial_state: torch.Tensor | None = None,
     seq_idx: torch.Tensor | None = None,
     return_final_state: bool = False,
-    block_len: int | None = None,
+    tokens_per_block: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Pure-PyTorch chunked SSD scan; see :func:`~scmamba2_scvi.ops.ssd_scan` for the arguments.
 
@@ -105,22 +132,26 @@ def ssd_scan_torch(
     ----------
     x, dt, A, B, C, D, chunk_size, initial_state, seq_idx, return_final_state
         As in :func:`ssd_scan`.
-    block_len
+    tokens_per_block
         Scan the sequence in blocks of this many tokens, passing the state from block to block
         (exact). On CPU the default (2,048) keeps a block's intermediates in the processor's
         cache, which keeps the cost per token flat as sequences grow; ``0`` scans at once.
     """
     seqlen = x.shape[1]
-    if block_len is None:
-        block_len = _SEQ_BLOCK if x.device.type == "cpu" else 0
-    if not block_len or seqlen <= block_len:
+    if tokens_per_block is None:
+        tokens_per_block = _CPU_TOKENS_PER_BLOCK if x.device.type == "cpu" else 0
+    if not tokens_per_block or seqlen <= tokens_per_block:
         return _ssd_chunked(
             x, dt, A, B, C, D, chunk_size, initial_state, seq_idx, return_final_state
         )
-    block_len = max(chunk_size, block_len // chunk_size * chunk_size)
+    tokens_per_block = max(chunk_size, tokens_per_block // chunk_size * chunk_size)
     # split, not slices: the backward of a slice allocates a full-length gradient per block
-    blocks = zip(*(t.split(block_len, 1) for t in (x, dt, B, C)))
-    idx = [None] * -(-seqlen // block_len) if seq_idx is None else seq_idx.split(block_len, 1)
+    blocks = zip(*(t.split(tokens_per_block, 1) for t in (x, dt, B, C)))
+    idx = (
+        [None] * -(-seqlen // tokens_per_block)
+        if seq_idx is None
+        else seq_idx.split(tokens_per_block, 1)
+    )
     state, ys, prev = initial_state, [], None
     for (xb, dtb, Bb, Cb), ib in zip(blocks, idx):
         if state is not None and ib is not None and prev is not None:
@@ -194,14 +225,8 @@ def _ssd_chunked(x, dt, A, B, C, D, chunk_size, initial_state, seq_idx, return_f
         if initial_state is None
         else initial_state.to(cdt).transpose(-1, -2).reshape(b, h, n * p)
     )
-    entering = []
-    for start in range(0, nc, _CHUNK_GROUP):
-        a = chunk_decay[..., start : start + _CHUNK_GROUP]  # (b, h, G)
-        within = _segsum(a).exp() @ states[:, :, start : start + _CHUNK_GROUP]
-        s_all = within + a.cumsum(-1).exp()[..., None] * s_prev[:, :, None]
-        entering.append(torch.cat([s_prev[:, :, None], s_all[:, :, :-1]], 2))
-        s_prev = s_all[:, :, -1]
-    entering = torch.cat(entering, 2).view(b, g, hg, nc, n, p)  # state entering each chunk
+    entering, s_prev = _pass_states(chunk_decay, states, s_prev)
+    entering = entering.view(b, g, hg, nc, n, p)  # state entering each chunk
 
     # 4. Contribution of the entering state to every token of the chunk.
     from_start = a_cum.exp()
@@ -315,7 +340,7 @@ def _split_scan(call, x, dt, A, B, C, D, chunk_size, initial_state, seq_idx, fin
 
     Over the batch first (each group of rows a compact copy); a single row still too large is
     scanned in blocks of whole chunks, each starting from the previous block's final state (reset
-    where a packed sequence starts at the block boundary), as ``ssd_scan_torch(block_len=...)``.
+    where a packed sequence starts at the block boundary), as ``ssd_scan_torch`` does on CPU.
     """
     b, seqlen = x.shape[:2]
     row = _kernel_extent(x, dt, B, C, chunk_size)[1]

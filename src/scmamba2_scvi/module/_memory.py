@@ -1,0 +1,163 @@
+"""Training memory guard: estimate a step's peak before running it, split the encoder if needed.
+
+A training step keeps, until its backward pass, what autograd saved for every token of the
+batch; that grows with ``cells x tokens``, the rest (parameters, optimizer state) does not. The
+guard measures the saved bytes per token once on a one-cell probe of the model, predicts the
+step's peak for the batch at hand, and when it exceeds the memory available makes the encoder
+run the batch in groups of cells, each recomputed in the backward pass. That is the same
+computation (cells are independent in the encoder; batch statistics outside it are unchanged),
+so losses and gradients equal the unsplit step's. A real gradient-accumulation split of the
+whole batch would change the token BatchNorm's statistics and the mask draw.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# Peak over what the saved tensors alone predict: gradients of the activations, the transient
+# intermediates of the layer being recomputed, allocator slack. Checked by the training benchmark.
+_SAFETY = 2.0
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory a step may still use: free GPU memory, or the kernel's ``MemAvailable`` on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+        return int(re.search(r"MemAvailable:\s+(\d+) kB", meminfo).group(1)) * 1024
+    except (OSError, AttributeError):  # not Linux: no estimate, no guard
+        return 2**62
+
+
+@dataclass(frozen=True)
+class StepMemory:
+    """Bytes that autograd saves per token slot of a batch, inside and outside the encoder.
+
+    ``encoder_input`` is what a recomputed encoder group still keeps per token (its input).
+    """
+
+    encoder: float
+    rest: float
+    encoder_input: float
+
+    def peak(self, n_cells: int, seqlen: int, group: int | None = None) -> float:
+        """Predicted peak bytes of a training step (``group``: cells per recomputed group)."""
+        tokens = n_cells * seqlen
+        if group is None:
+            return _SAFETY * tokens * (self.encoder + self.rest)
+        # the encoder keeps each group's input; one group's activations live during its backward
+        kept = tokens * (self.rest + self.encoder_input)
+        return _SAFETY * (kept + group * seqlen * self.encoder)
+
+
+def measure_step_memory(module, tokens: dict[str, torch.Tensor]) -> StepMemory:
+    """Saved bytes per token slot of one forward + loss on a tokenized probe.
+
+    Leaves the module as it was: random state and BatchNorm statistics are restored.
+
+    Parameters
+    ----------
+    module
+        The :class:`~scmamba2_scvi.module.SCMamba2Module`.
+    tokens
+        A small tokenized batch (the ``token_loss`` dict, masked).
+
+    Returns
+    -------
+    The bytes per token slot saved for the backward pass.
+    """
+    seen: dict[int, int] = {}
+    in_encoder: set[int] = set()
+    inside = [False]
+
+    def pack(t):
+        key = t.untyped_storage().data_ptr()
+        seen[key] = t.untyped_storage().nbytes()
+        if inside[0]:
+            in_encoder.add(key)
+        return t
+
+    hooks = [
+        module.encoder.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True)),
+        module.encoder.register_forward_hook(lambda *_: inside.__setitem__(0, False)),
+    ]
+    buffers = {k: v.clone() for k, v in module.named_buffers()}
+    try:
+        with (
+            torch.random.fork_rng(devices=[]),
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        ):
+            module.token_loss(tokens)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        module.load_state_dict(buffers, strict=False)
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    n = tokens["genes"].numel()
+    enc = sum(v for k, v in seen.items() if k in in_encoder and k not in params)
+    rest = sum(v for k, v in seen.items() if k not in in_encoder and k not in params)
+    return StepMemory(encoder=enc / n, rest=rest / n, encoder_input=4.0 * module.d_model)
+
+
+def plan_groups(memory: StepMemory, n_cells: int, seqlen: int, budget: float) -> int | None:
+    """Cells per recomputed encoder group so that the step fits ``budget`` bytes.
+
+    Returns ``None`` when the whole batch fits as it is.
+
+    Raises
+    ------
+    MemoryError
+        When even one cell per group does not fit, with the fix (a smaller ``max_len`` or preset).
+    """
+    if memory.peak(n_cells, seqlen) <= budget:
+        return None
+    groups = sorted({-(-n_cells // 2**k) for k in range(1, n_cells.bit_length() + 1)}, reverse=True)
+    for group in groups:
+        if memory.peak(n_cells, seqlen, group) <= budget:
+            return group
+    need = memory.peak(n_cells, seqlen, 1) / 2**30
+    raise MemoryError(
+        f"A training step on {n_cells} cells of {seqlen} tokens needs about {need:.1f} GB, more "
+        f"than the {budget / 2**30:.1f} GB available, even one cell at a time in the encoder. "
+        "Use a smaller `max_len` in setup_anndata, fewer cells per batch (`batch_size`), or a "
+        "smaller `preset` (e.g. 'cpu-small')."
+    )
+
+
+def guard_step(module, X, budget: float | None = None) -> int | None:
+    """Before a training step on cells ``X``: split the encoder into groups if it would not fit.
+
+    Measures the bytes per token once per module (on the first cell of ``X``), predicts the
+    peak of a step on ``X`` at its longest tokenized length, and sets
+    ``module.encoder.checkpoint_cells`` (``None`` when the batch fits).
+
+    Parameters
+    ----------
+    module
+        The :class:`~scmamba2_scvi.module.SCMamba2Module`, with its tokenizer set.
+    X
+        The batch's cells x genes counts.
+    budget
+        Bytes available; default: :func:`available_bytes` of the module's device.
+
+    Returns
+    -------
+    The cells per recomputed group, or ``None``.
+    """
+    tokenizer = module.tokenizer
+    memory = getattr(module, "_step_memory", None)
+    if memory is None:
+        probe = tokenizer(
+            X[:1], module.mask_ratio, generator=torch.Generator(X.device).manual_seed(0)
+        )
+        memory = module._step_memory = measure_step_memory(module, probe)
+    if budget is None:
+        budget = available_bytes(next(module.parameters()).device)
+    seqlen = int(tokenizer.lengths(X).max())
+    module.encoder.checkpoint_cells = plan_groups(memory, X.shape[0], seqlen, budget)
+    return module.encoder.checkpoint_cells

@@ -1,0 +1,75 @@
+"""Training memory guard: a batch over budget is split in the encoder, with the same result."""
+
+import importlib.util
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from scmamba2_scvi import SCMamba2
+from scmamba2_scvi.module._memory import StepMemory, guard_step, plan_groups
+
+_spec = importlib.util.spec_from_file_location("tm", Path(__file__).with_name("test_model.py"))
+_tm = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_tm)
+
+
+@pytest.fixture(scope="module")
+def model_and_batch():
+    torch.manual_seed(0)
+    adata = _tm.synthetic(n_cells=24)
+    SCMamba2.setup_anndata(adata, labels_key="cell_type", batch_key="batch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = SCMamba2(adata, **_tm.TINY)
+        batch = next(iter(model._make_data_loader(adata, batch_size=12)))
+    model.module.train()
+    return model, batch
+
+
+def step(module, batch):
+    module.zero_grad()
+    torch.manual_seed(1)
+    loss = module(batch)[2].loss
+    loss.backward()
+    return [loss.detach()] + [p.grad.clone() for p in module.parameters() if p.grad is not None]
+
+
+def test_over_budget_batch_is_split_with_the_same_loss_and_gradients(model_and_batch):
+    model, batch = model_and_batch
+    module = model.module
+    X = batch["X"]
+    assert guard_step(module, X, budget=2**40) is None  # fits: nothing changes
+    whole = step(module, batch)
+    memory = module._step_memory
+    seqlen = int(module.tokenizer.lengths(X).max())
+    # a budget between one cell per group and the whole batch
+    budget = (memory.peak(12, seqlen, 3) + memory.peak(12, seqlen)) / 2
+    group = guard_step(module, X, budget=budget)
+    assert group is not None and 3 <= group < 12
+    assert memory.peak(12, seqlen, group) <= budget < memory.peak(12, seqlen)
+    split = step(module, batch)
+    module.encoder.checkpoint_cells = None
+    for a, b in zip(whole, split, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_measured_bytes_per_token_are_positive_and_encoder_dominated(model_and_batch):
+    memory = model_and_batch[0].module._step_memory
+    assert memory.encoder > 0 and memory.rest > 0
+    assert memory.encoder_input == 4 * 32
+
+
+def test_one_cell_too_large_names_the_fix():
+    memory = StepMemory(encoder=1e5, rest=1e4, encoder_input=1e3)
+    with pytest.raises(MemoryError, match=r"`max_len`.*`preset`"):
+        plan_groups(memory, 8, 1000, budget=1e6)
+    assert plan_groups(memory, 8, 1000, budget=1e12) is None
+    assert plan_groups(memory, 8, 1000, budget=memory.peak(8, 1000, 1)) == 1
+
+
+def test_training_step_raises_the_guard_error(model_and_batch):
+    model = model_and_batch[0]
+    with pytest.raises(MemoryError, match="max_len"):
+        model.train(max_epochs=1, batch_size=12, plan_kwargs={"memory_budget": 1e3}, **_tm.FAST)
