@@ -7,7 +7,6 @@ import math
 from typing import Any
 
 import torch
-from scvi import REGISTRY_KEYS
 from scvi.module.base import BaseModuleClass
 from scvi.train import TrainingPlan
 
@@ -180,7 +179,7 @@ class SCMamba2TrainingPlan(TrainingPlan):
 
     def training_step(self, batch, batch_idx):
         """scvi-tools' step, after the memory guard has planned the batch."""
-        guard_step(self.module, batch[REGISTRY_KEYS.X_KEY], self.memory_budget)
+        guard_step(self.module, batch, self.memory_budget)
         return super().training_step(batch, batch_idx)
 
     def configure_optimizers(self):

@@ -129,19 +129,42 @@ def plan_groups(memory: StepMemory, n_cells: int, seqlen: int, budget: float) ->
     )
 
 
-def guard_step(module, X, budget: float | None = None) -> int | None:
-    """Before a training step on cells ``X``: split the encoder into groups if it would not fit.
+def _first_cell(tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The first cell of a padded or packed token dict, as a padded one-cell dict."""
+    if tokens.get("seq_idx") is not None:
+        n = int(tokens["cu_seqlens"][1])
+    else:
+        n = int((~tokens["key_padding_mask"][0]).sum())
+    per_token = tokens["genes"].shape
+    return {
+        k: v[:1, :n] if v.shape == per_token else v[:1]
+        for k, v in tokens.items()
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and k not in ("seq_idx", "cu_seqlens")
+    }
 
-    Measures the bytes per token once per module (on the first cell of ``X``), predicts the
-    peak of a step on ``X`` at its longest tokenized length, and sets
-    ``module.encoder.checkpoint_cells`` (``None`` when the batch fits).
+
+def batch_shape(tokens: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """Cells and longest sequence of a padded or packed token dict."""
+    cu = tokens.get("cu_seqlens")
+    if cu is None:
+        return tokens["genes"].shape[0], tokens["genes"].shape[1]
+    return cu.numel() - 1, int(torch.diff(cu).max())
+
+
+def guard_step(module, tokens: dict[str, torch.Tensor], budget: float | None = None) -> int | None:
+    """Before a training step on ``tokens``: split the encoder into groups if it would not fit.
+
+    Measures the bytes per token once per module (on the batch's first cell), predicts the
+    peak of a step on the batch (packed batches are counted as if padded to their longest
+    cell, an upper bound), and sets ``module.encoder.checkpoint_cells`` (``None`` when the batch
+    fits).
 
     Parameters
     ----------
     module
-        The :class:`~scmamba2_scvi.module.SCMamba2Module`, with its tokenizer set.
-    X
-        The batch's cells x genes counts.
+        The :class:`~scmamba2_scvi.module.SCMamba2Module`.
+    tokens
+        The batch's token dict (:class:`~scmamba2_scvi.data.TokenCollate`), padded or packed.
     budget
         Bytes available; default: :func:`available_bytes` of the module's device.
 
@@ -149,15 +172,11 @@ def guard_step(module, X, budget: float | None = None) -> int | None:
     -------
     The cells per recomputed group, or ``None``.
     """
-    tokenizer = module.tokenizer
     memory = getattr(module, "_step_memory", None)
     if memory is None:
-        probe = tokenizer(
-            X[:1], module.mask_ratio, generator=torch.Generator(X.device).manual_seed(0)
-        )
-        memory = module._step_memory = measure_step_memory(module, probe)
+        memory = module._step_memory = measure_step_memory(module, _first_cell(tokens))
     if budget is None:
         budget = available_bytes(next(module.parameters()).device)
-    seqlen = int(tokenizer.lengths(X).max())
-    module.encoder.checkpoint_cells = plan_groups(memory, X.shape[0], seqlen, budget)
+    n_cells, seqlen = batch_shape(tokens)
+    module.encoder.checkpoint_cells = plan_groups(memory, n_cells, seqlen, budget)
     return module.encoder.checkpoint_cells

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 from typing import Literal
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from scmamba2_scvi.ops import bidirectional_blocks
+from scmamba2_scvi.ops import bidirectional_blocks, segment_ids
 from scmamba2_scvi.ops._ssd import Backend
 
 from ._mixer import HydraMixer, Mamba2Mixer, RMSNorm, reverse_index
@@ -272,6 +273,8 @@ class BiMamba2Encoder(nn.Module):
 
     def _microbatches(self, x, key_padding_mask, seq_idx) -> torch.Tensor:
         b, seqlen = x.shape[:2]
+        if b == 1 and seq_idx is not None and self.checkpoint_cells is not None:
+            return self._packed_groups(x, key_padding_mask, seq_idx)
         n = b  # cells per micro-batch
         if self.cpu_microbatch_elements is not None and x.device.type == "cpu":
             n = max(1, self.cpu_microbatch_elements // (seqlen * self.d_model))
@@ -293,6 +296,25 @@ class BiMamba2Encoder(nn.Module):
                 else self._encode(*args)
             )
         return torch.cat(blocks)
+
+    def _packed_groups(self, x, key_padding_mask, seq_idx) -> torch.Tensor:
+        """One packed row in groups of ``checkpoint_cells`` whole cells, each recomputed (exact)."""
+        if not (self.training and torch.is_grad_enabled()):
+            return self._encode(x, key_padding_mask, seq_idx)
+        seg = segment_ids(seq_idx)[0]
+        firsts = torch.arange(0, int(seg[-1]) + 1, self.checkpoint_cells, device=seg.device)
+        bounds = [*torch.searchsorted(seg, firsts).tolist(), x.shape[1]]
+        pieces = [
+            checkpoint(
+                self._encode,
+                x[:, a:e],
+                None if key_padding_mask is None else key_padding_mask[:, a:e],
+                seq_idx[:, a:e],
+                use_reentrant=False,
+            )
+            for a, e in pairwise(bounds)
+        ]
+        return torch.cat(pieces, 1)
 
     def _encode(self, x, key_padding_mask, seq_idx) -> torch.Tensor:
         reverse = reverse_index(key_padding_mask, seq_idx, x.shape[:2], device=x.device)
