@@ -10,7 +10,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from scmamba2_scvi.nn._heads import MASK_VALUE, PAD_VALUE
+from scmamba2_scvi.nn import MASK_VALUE, PAD_VALUE
 
 from ._binning import (
     _CSR,
