@@ -196,7 +196,7 @@ def recording_torch_call(calls):
         calls.append(x.shape[0] * _ssd._kernel_extent(x, dt, B, C, chunk_size)[1])
         return ssd_scan_torch(
             x, dt, A, B, C, D=D, chunk_size=chunk_size, initial_state=initial_state,
-            seq_idx=seq_idx, return_final_state=final, block_len=0,
+            seq_idx=seq_idx, return_final_state=final, tokens_per_block=0,
         )  # fmt: skip
 
     return call
@@ -210,7 +210,7 @@ def test_split_over_batch_and_sequence_is_exact(monkeypatch, limit):
     seq_idx = torch.zeros(3, 100, dtype=torch.int32)
     seq_idx[0, 32:], seq_idx[0, 70:] = 1, 2  # changes at a block boundary (blocks 16 or 48)
     seq_idx[2, 45:], seq_idx[2, 48:] = 5, 6
-    ref = outputs_and_grads(ssd_scan_torch, inputs, seq_idx, 16, block_len=0)
+    ref = outputs_and_grads(ssd_scan_torch, inputs, seq_idx, 16, tokens_per_block=0)
     calls = []
     monkeypatch.setattr(_ssd, "_KERNEL_MAX_OFFSET", limit)
     split = functools_partial_split(recording_torch_call(calls))
