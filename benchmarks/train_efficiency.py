@@ -122,6 +122,37 @@ def _forward_flops(module, batch) -> float:
     return float(counter.get_total_flops())
 
 
+def _train_batches(model, adata, indices, batch_size: int) -> list:
+    """Training minibatches as each version's ``train()`` makes them.
+
+    The base commit tokenizes in the module (batches hold counts); this one in the loader
+    (token dicts, packed when the model has no DSBN, cells of similar length together).
+    """
+    if not hasattr(model, "_collate"):
+        return list(model._make_data_loader(adata, indices=indices, batch_size=batch_size))
+    from scmamba2_scvi.data import TokenDataLoader
+
+    collate = model._collate(adata, training=True)
+    loader = TokenDataLoader(
+        model.adata_manager, collate, indices=indices, batch_size=batch_size, shuffle=True, seed=0
+    )
+    return [{k: v for k, v in b.items() if k != "obs_index"} for b in loader]
+
+
+def _lengths(module, batch):
+    """Real tokens of each cell of a training batch, and the token slots computed."""
+    import numpy as np
+
+    if "X" in batch:  # base: padded to the longest cell
+        lengths = module.tokenizer.lengths(batch["X"])
+        return lengths, int(len(lengths) * lengths.max())
+    if batch.get("cu_seqlens") is not None:  # packed: no padding computed
+        lengths = np.diff(batch["cu_seqlens"].numpy())
+        return lengths, int(lengths.sum())
+    lengths = (~batch["key_padding_mask"]).sum(1).numpy()
+    return lengths, int(batch["key_padding_mask"].numel())
+
+
 def _train(p: dict) -> dict:
     import torch
 
@@ -130,8 +161,7 @@ def _train(p: dict) -> dict:
     if p.get("precision"):
         module.encoder.precision = p["precision"]
     bs, steps = p["batch_size"], p["steps"]
-    loader = model._make_data_loader(adata, indices=order[: bs * (steps + 1)], batch_size=bs)
-    batches = list(loader)
+    batches = _train_batches(model, adata, order[: bs * (steps + 1)], bs)
     opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
     module.train()
 
@@ -153,15 +183,14 @@ def _train(p: dict) -> dict:
         t0 = time.perf_counter()
         step(batch)
         times.append(time.perf_counter() - t0)
-    X = batches[1]["X"]
-    lengths = module.tokenizer.lengths(X)
+    lengths, slots = _lengths(module, batches[1])
     flops = _forward_flops(module, batches[1]) * 3  # forward + backward (2x), no recompute
     step_s = sum(times) / len(times)
     return {
         "first_loss": first_loss,
         "peak_mb": round(peak, 1),
         "real_tokens": int(lengths.sum()),
-        "token_slots": int(len(lengths) * lengths.max()),
+        "token_slots": slots,
         "kb_per_real_token": round(peak * 1024 / lengths.sum(), 2),
         "step_s": round(step_s, 3),
         "cells_per_s": round(bs / step_s, 2),
@@ -216,7 +245,7 @@ def _full_cell(p: dict) -> dict:
 
     model, adata, _ = _model(p)
     module = model.module
-    batch = next(iter(model._make_data_loader(adata, indices=[0], batch_size=1)))
+    batch = _train_batches(model, adata, [0], 1)[0]
     opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
     module.train()
     base = _reset_peak()
@@ -224,7 +253,7 @@ def _full_cell(p: dict) -> dict:
     loss = module(batch)[2].loss
     loss.backward()
     opt.step()
-    tokens = int(module.tokenizer.lengths(batch["X"]).max())
+    tokens = int(_lengths(module, batch)[0].max())
     return {
         "tokens": tokens,
         "step_s": round(time.perf_counter() - t0, 1),
@@ -288,16 +317,16 @@ def plan(quick: bool, data: str, compile_: bool) -> list[tuple[str, str, dict, b
     long = 8192 if quick else 65536
     rows = [
         ("matmul rate", "matmul", {"n": 512 if quick else 2048}, False),
-        ("train default", "train", {"preset": "default", "batch_size": 4, "steps": 1}, True),
-        ("train cpu-small", "train", {"preset": "cpu-small", "batch_size": 16, "steps": 1}, True),
-        ("embed cpu-small", "embed", {"preset": "cpu-small", "n_cells": 64}, True),
-        ("layer 4096", "layer", {"length": 4096, "repeats": 1}, True),
+        ("train default", "train", {"preset": "default", "batch_size": 16, "steps": 3}, True),
+        ("train cpu-small", "train", {"preset": "cpu-small", "batch_size": 64, "steps": 3}, True),
+        ("embed cpu-small", "embed", {"preset": "cpu-small", "n_cells": 256}, True),
+        ("layer 4096", "layer", {"length": 4096, "repeats": 2}, True),
         # the base needs ~10 GB here (encoder_scaling_cpu.md): this checkout only
         (f"layer {long}", "layer", {"length": long, "repeats": 1}, False),
         (
             "train default bf16",
             "train",
-            {"preset": "default", "batch_size": 4, "steps": 1, "precision": "bf16"},
+            {"preset": "default", "batch_size": 16, "steps": 3, "precision": "bf16"},
             False,
         ),
         (

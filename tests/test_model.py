@@ -266,3 +266,21 @@ def test_dsbn_and_dar_train(trained):
     other.obs["batch"] = "new"
     z = model.get_latent_representation(other)
     assert np.isfinite(z).all()
+
+
+def test_precision_bf16_embeddings_close_to_fp32(trained):
+    _, model = trained
+    adata = synthetic()
+    SCMamba2.setup_anndata(adata, labels_key="cell_type", batch_key="batch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bf16 = SCMamba2(adata, vocab=model.vocab, **{**TINY, "precision": "bf16"})
+    bf16.module.load_state_dict(model.module.state_dict())
+    bf16.is_trained_ = True
+    z32 = model.get_latent_representation(adata, progress_bar=False)
+    z16 = bf16.get_latent_representation(progress_bar=False)
+    assert not np.array_equal(z32, z16)  # bf16 really ran
+    rel = np.linalg.norm(z16 - z32) / np.linalg.norm(z32)
+    assert rel < 3e-2
+    with pytest.raises(ValueError, match="precision must be"):
+        SCMamba2(adata, **{**TINY, "precision": "fp16"})

@@ -264,8 +264,8 @@ def build_module(
     sizes = {"checkpointing": False, **PRESETS[preset]}
     sizes.update({k: params[k] for k in _SIZE_KEYS if params[k] is not None})
     options = (
-        "d_conv n_groups chunk_size bidirectional ffn dropout backend value_encoding n_bins dsbn "
-        "cell_embedding mask_ratio"
+        "d_conv n_groups chunk_size bidirectional ffn dropout backend precision value_encoding "
+        "n_bins dsbn cell_embedding mask_ratio"
     ).split()
     module = SCMamba2Module(
         n_vocab,
@@ -298,6 +298,9 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         Architecture sizes (``None``: from the preset).
     d_conv, n_groups, chunk_size, bidirectional, ffn, dropout, backend
         Encoder options, see :class:`~scmamba2_scvi.nn.BiMamba2Encoder`.
+    precision
+        Encoder arithmetic: ``"fp32"``, ``"bf16"`` (autocast) or ``"auto"`` (bfloat16 where this
+        machine runs it faster, see :func:`~scmamba2_scvi.nn.bf16_pays`).
     value_encoding, n_bins, dsbn, cell_embedding, mask_ratio
         Module options, see :class:`~scmamba2_scvi.module.SCMamba2Module`.
     mode, max_len, gene_order, subsample, value_transform
@@ -345,7 +348,8 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         bidirectional: Literal["shared_flip", "hydra"] = "shared_flip",
         ffn: bool = False,
         dropout: float = 0.1,
-        backend: Literal["auto", "torch", "mamba_ssm"] = "auto",
+        backend: Literal["auto", "torch", "mamba_ssm", "triton"] = "auto",
+        precision: Literal["auto", "fp32", "bf16"] = "fp32",
         value_encoding: Literal["continuous", "categorical"] = "continuous",
         n_bins: int = 51,
         dsbn: bool = False,

@@ -205,6 +205,8 @@ class BiMamba2Encoder(nn.Module):
         self.d_model, self.n_layers, self.checkpointing = d_model, n_layers, checkpointing
         self.cpu_microbatch_elements = cpu_microbatch_elements
         self.tokens_per_block = tokens_per_block
+        if precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16'; got {precision!r}.")
         self.precision = precision
         #: encode the batch in groups of this many cells, each recomputed in the backward pass
         #: (same result, memory of one group); set by the training memory guard
