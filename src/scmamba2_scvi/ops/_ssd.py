@@ -145,23 +145,32 @@ def ssd_scan_torch(
             x, dt, A, B, C, D, chunk_size, initial_state, seq_idx, return_final_state
         )
     tokens_per_block = max(chunk_size, tokens_per_block // chunk_size * chunk_size)
-    # split, not slices: the backward of a slice allocates a full-length gradient per block
-    blocks = zip(*(t.split(tokens_per_block, 1) for t in (x, dt, B, C)))
-    idx = (
-        [None] * -(-seqlen // tokens_per_block)
-        if seq_idx is None
-        else seq_idx.split(tokens_per_block, 1)
+    return _scan_in_blocks(
+        _ssd_chunked,
+        (x, dt, A, B, C, D, chunk_size, initial_state, seq_idx, return_final_state),
+        tokens_per_block,
     )
+
+
+def _scan_in_blocks(call, args, block: int):
+    """``call`` over blocks of ``block`` tokens, each from the previous one's final state (exact).
+
+    ``call`` and ``args`` follow ``_ssd_chunked``'s signature. A packed sequence that starts at
+    a block boundary does not inherit the state.
+    """
+    x, dt, A, B, C, D, chunk_size, initial_state, seq_idx, final = args
+    # split, not slices: the backward of a slice allocates a full-length gradient per block
+    blocks = zip(*(t.split(block, 1) for t in (x, dt, B, C)))
+    idx = [None] * -(-x.shape[1] // block) if seq_idx is None else seq_idx.split(block, 1)
     state, ys, prev = initial_state, [], None
     for (xb, dtb, Bb, Cb), ib in zip(blocks, idx):
         if state is not None and ib is not None and prev is not None:
-            # a sequence that starts at the block boundary does not inherit the state
             state = state * (ib[:, 0] == prev[:, -1]).view(-1, 1, 1, 1).to(state.dtype)
-        y, state = _ssd_chunked(xb, dtb, A, Bb, Cb, D, chunk_size, state, ib, True)
+        y, state = call(xb, dtb, A, Bb, Cb, D, chunk_size, state, ib, True)
         ys.append(y)
         prev = ib
     y = torch.cat(ys, 1)
-    return (y, state) if return_final_state else y
+    return (y, state) if final else y
 
 
 def _ssd_chunked(x, dt, A, B, C, D, chunk_size, initial_state, seq_idx, return_final_state):
@@ -340,9 +349,9 @@ def _split_scan(call, x, dt, A, B, C, D, chunk_size, initial_state, seq_idx, fin
 
     Over the batch first (each group of rows a compact copy); a single row still too large is
     scanned in blocks of whole chunks, each starting from the previous block's final state (reset
-    where a packed sequence starts at the block boundary), as ``ssd_scan_torch`` does on CPU.
+    where a packed sequence starts at the block boundary), by ``_scan_in_blocks`` as on CPU.
     """
-    b, seqlen = x.shape[:2]
+    b = x.shape[0]
     row = _kernel_extent(x, dt, B, C, chunk_size)[1]
     if b * row <= _KERNEL_MAX_OFFSET:
         return call(x, dt, A, B, C, D, chunk_size, initial_state, seq_idx, final)
@@ -368,17 +377,9 @@ def _split_scan(call, x, dt, A, B, C, D, chunk_size, initial_state, seq_idx, fin
     block = _KERNEL_MAX_OFFSET // _kernel_extent(x[:, :1], dt[:, :1], B[:, :1], C[:, :1],
                                                    chunk_size)[0]  # fmt: skip
     block = max(chunk_size, block // chunk_size * chunk_size)
-    state, ys, prev = initial_state, [], None
-    for start in range(0, seqlen, block):
-        piece = [t[:, start : start + block] for t in (x, dt, B, C)]
-        ib = None if seq_idx is None else seq_idx[:, start : start + block]
-        if state is not None and ib is not None and prev is not None:
-            state = state * (ib[:, 0] == prev[:, -1]).view(-1, 1, 1, 1).to(state.dtype)
-        y, state = call(piece[0], piece[1], A, piece[2], piece[3], D, chunk_size, state, ib, True)
-        ys.append(y)
-        prev = ib
-    y = torch.cat(ys, 1)
-    return (y, state) if final else y
+    return _scan_in_blocks(
+        call, (x, dt, A, B, C, D, chunk_size, initial_state, seq_idx, final), block
+    )
 
 
 def _pick_backend(backend: str, on_cuda: bool, chunk_size: int = 64) -> str:
