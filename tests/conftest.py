@@ -1,3 +1,4 @@
+import warnings
 from pathlib import Path
 
 import pytest
@@ -11,3 +12,11 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is absent")
     return SHARED_DATA
+
+
+@pytest.fixture
+def quiet():
+    """Ignore warnings inside the test (tiny models and data warn a lot); opt in per module."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield

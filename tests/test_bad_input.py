@@ -62,11 +62,7 @@ def make_data(n_cells=90, n_genes=N_GENES, seed=0):
     return ad.AnnData(sparse.csr_matrix(counts), obs=obs, var=var)
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet")  # warnings off (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 import importlib.util
 import logging
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,11 +28,7 @@ FAST, TINY, _query, synthetic = (
 )
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet")  # warnings off (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -24,11 +24,7 @@ TINY = {
 FAST = {"accelerator": "cpu", "enable_progress_bar": False}
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet")  # warnings off (conftest)
 
 
 def synthetic(n_cells=240, n_genes=60, n_types=3, seed=0, symbols=True):

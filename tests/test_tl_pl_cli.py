@@ -1,7 +1,6 @@
 """scanpy-style tools write exactly their documented keys; plots; the CLI end to end."""
 
 import json
-import warnings
 
 import matplotlib
 import numpy as np
@@ -23,11 +22,7 @@ TINY = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet")  # warnings off (conftest)
 
 
 @pytest.fixture(scope="module")
