@@ -301,8 +301,12 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
     precision
         Encoder arithmetic: ``"fp32"``, ``"bf16"`` (autocast) or ``"auto"`` (bfloat16 where this
         machine runs it faster, see :func:`~scmamba2_scvi.nn.bf16_pays`).
-    value_encoding, n_bins, dsbn, cell_embedding, mask_ratio
+    value_encoding, n_bins, cell_embedding, mask_ratio
         Module options, see :class:`~scmamba2_scvi.module.SCMamba2Module`.
+    dsbn
+        Domain-specific batch norm (one per batch), see
+        :class:`~scmamba2_scvi.module.SCMamba2Module`; ``None``: on when more than one batch
+        is registered (the integration recipe, see :meth:`train`).
     mode, max_len, gene_order, subsample, value_transform
         How a cell becomes a sequence, see :class:`~scmamba2_scvi.data.Tokenizer`. Default:
         expressed genes in vocabulary order, at most 2,048 tokens, quantile-binned values.
@@ -352,7 +356,7 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         precision: Literal["auto", "fp32", "bf16"] = "fp32",
         value_encoding: Literal["continuous", "categorical"] = "continuous",
         n_bins: int = 51,
-        dsbn: bool = False,
+        dsbn: bool | None = None,
         cell_embedding: Literal["cls", "mean"] = "mean",
         mask_ratio: float = 0.15,
         mode: Literal["expressed", "full", "genes"] = "expressed",
@@ -388,6 +392,7 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
                     label_categories, setup["labels_key"], setup.get("unlabeled_category")
                 )
         self.batch_categories = [str(c) for c in batch_categories]
+        dsbn = len(self.batch_categories) > 1 if dsbn is None else dsbn  # integration recipe
         self.label_categories = [str(c) for c in label_categories]
         self.tokenizer_kwargs = {
             "mode": mode,
@@ -597,8 +602,10 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
             Stop when the validation loss stops improving.
         plan_kwargs
             :class:`~scmamba2_scvi.model.SCMamba2TrainingPlan` arguments: ``lr``,
-            ``weight_decay``, ``warmup_ratio``, and the loss weights ``gep_weight``,
-            ``gepc_weight``, ``cls_weight``, ``dar_weight``, ``ecs_weight``.
+            ``weight_decay``, ``warmup_ratio``, the recipe switches ``class_balance``,
+            ``keep_best``, ``calibrate``, ``dar_warmup``, and the loss weights ``gep_weight``,
+            ``gepc_weight``, ``cls_weight``, ``dar_weight``, ``ecs_weight``. They override the
+            task recipes (see Notes).
         datasplitter_kwargs
             Passed to scvi-tools' ``DataSplitter`` and to the
             :class:`~scmamba2_scvi.data.TokenDataLoader` (e.g. ``num_workers``: minibatches are
@@ -606,8 +613,36 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         **trainer_kwargs
             Passed to the Lightning trainer. Defaults: ``gradient_clip_val=1.0``, and
             ``precision="bf16-mixed"`` on CUDA, validation every epoch.
+
+        Notes
+        -----
+        Task recipes: what :meth:`setup_anndata` registered switches objectives on, with no
+        ``plan_kwargs``; an argument given in ``plan_kwargs`` (or to :class:`SCMamba2`) wins.
+
+        - Integration, ``batch_key`` with more than one batch: domain-specific batch norm
+          (``dsbn=None`` becomes ``True`` when the model is created), the batch discriminator's
+          objective with ``dar_weight=1.0``, ramped up from 0 over the first 20% of the steps
+          (``dar_warmup=0.2``), and elastic cell similarity with ``ecs_weight=0.01``: scGPT's
+          weight of 10 against a squared error on unscaled bins, rescaled to this model's
+          expression losses (values divided by ``n_bins - 1``); not tuned on a benchmark.
+        - Annotation, ``labels_key``: class-balanced cross-entropy (weights
+          ``count ** -0.5`` of the training cells' labels), the weights of the epoch with the
+          best validation macro-F1 kept (``validation_macro_f1`` in :attr:`history`), and a
+          temperature fitted on the validation cells so that ``predict(soft=True)`` gives
+          calibrated probabilities. The last two need validation cells (``train_size < 1``, the
+          default); without them the last epoch's weights and a temperature of 1 stay.
+
+        Switch a recipe off with e.g. ``plan_kwargs={"keep_best": False}`` or
+        ``plan_kwargs={"dar_weight": 0.0}``, and DSBN with ``SCMamba2(adata, dsbn=False)``.
         """
         _check_train_args(max_epochs, max_steps, batch_size, plan_kwargs)
+        recipe: dict[str, Any] = {}
+        if self.adata_manager.registry["setup_args"].get("batch_key") is not None and (
+            len(self.batch_categories) > 1
+        ):
+            recipe.update(dar_weight=1.0, ecs_weight=0.01)  # integration (see Notes)
+        # the annotation recipe is the plan's own default with a classifier
+        plan_kwargs = {**recipe, **(plan_kwargs or {})}
         if max_epochs is None:
             max_epochs = int(np.clip(20000 // max(1, self.adata.n_obs), 5, 50))
         if max_steps is not None:
@@ -780,7 +815,9 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         adata, indices, batch_size, token_budget, progress_bar, min_gene_fraction
             As in :meth:`get_latent_representation`.
         soft
-            Return class probabilities instead of labels.
+            Return class probabilities instead of labels: ``softmax(logits / T)`` with the
+            temperature ``T`` fitted on the validation cells when training ends (``calibrate``
+            in :meth:`train`; 1 for a model trained without calibration).
 
         Returns
         -------
@@ -796,7 +833,7 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         _, logits = self._embed(
             adata, indices, batch_size, token_budget, progress_bar, "predicting", min_gene_fraction
         )
-        probs = torch.softmax(logits, -1).numpy()
+        probs = torch.softmax(logits / self.module.logit_temperature.float().cpu(), -1).numpy()
         if soft:
             names = adata_.obs_names if indices is None else adata_.obs_names[np.asarray(indices)]
             return pd.DataFrame(probs, index=names, columns=self.label_categories)

@@ -1,14 +1,19 @@
-"""Lightning training plan: AdamW with linear warm-up and cosine decay, per step."""
+"""Lightning training plan: AdamW with linear warm-up and cosine decay, per step; task recipes."""
 
 from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from scvi import REGISTRY_KEYS
 from scvi.module.base import BaseModuleClass
 from scvi.train import TrainingPlan
+from sklearn.metrics import f1_score
 
 from scmamba2_scvi.module._memory import guard_step
 
@@ -37,6 +42,102 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) ->
         return (step + 1) / max(1, warmup)
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def linear_ramp(step: int, ramp_steps: float) -> float:
+    """Multiplier rising linearly from 0 at ``step`` 0 to 1 at ``ramp_steps``, then 1.
+
+    Parameters
+    ----------
+    step
+        Current optimizer step (0-based).
+    ramp_steps
+        Steps of the ramp; 0 or less: no ramp (always 1).
+
+    Returns
+    -------
+    The multiplier, in ``[0, 1]``.
+    """
+    if ramp_steps <= 0:
+        return 1.0
+    return min(1.0, max(0.0, step / ramp_steps))
+
+
+def class_balance_weights(labels: torch.Tensor | np.ndarray, n_labels: int) -> torch.Tensor:
+    """Per-class cross-entropy weights: inverse square root of each class's frequency.
+
+    The square root balances rare classes (which decide macro-F1) without letting a handful of
+    cells dominate the loss, as full inverse-frequency weights would.
+
+    Parameters
+    ----------
+    labels
+        Label codes of the training cells, ``0 .. n_labels - 1``; -1 (unlabelled) is ignored.
+    n_labels
+        Number of classes.
+
+    Returns
+    -------
+    ``(n_labels,)`` float32 weights ``count ** -0.5``, normalised to mean 1 over the classes
+    present; classes without any cell get 1 (they contribute no loss term anyway).
+
+    Raises
+    ------
+    ValueError
+        For a code at or above ``n_labels``.
+    """
+    labels = torch.as_tensor(np.asarray(labels)).reshape(-1).long()
+    labels = labels[labels >= 0]
+    if labels.numel() and int(labels.max()) >= n_labels:
+        raise ValueError(f"Label code {int(labels.max())} is not below n_labels={n_labels}.")
+    counts = torch.bincount(labels, minlength=n_labels).double()
+    weights = torch.ones(n_labels, dtype=torch.float64)
+    present = counts > 0
+    if bool(present.any()):
+        raw = counts[present].rsqrt()
+        weights[present] = raw / raw.mean()
+    return weights.float()
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 100) -> float:
+    """Temperature ``T`` minimising the negative log-likelihood of ``softmax(logits / T)``.
+
+    Temperature scaling (Guo et al., 2017): one scalar, fitted on held-out cells, calibrates the
+    probabilities without changing the predicted class. Optimised over ``log T`` (so ``T > 0``)
+    with L-BFGS.
+
+    Parameters
+    ----------
+    logits
+        ``(n, n_labels)`` classifier logits of held-out cells.
+    labels
+        ``(n,)`` their label codes; -1 (unlabelled) is ignored.
+    max_iter
+        L-BFGS iterations.
+
+    Returns
+    -------
+    ``T`` (1.0 when no cell is labelled).
+    """
+    labels = torch.as_tensor(labels).reshape(-1).long()
+    known = labels >= 0
+    if not bool(known.any()):
+        return 1.0
+    # a copy outside inference mode: Lightning collects validation logits under it
+    x = torch.as_tensor(logits).detach().to(torch.float64)[known].clone()
+    y = labels[known].clone()
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(x / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    with torch.inference_mode(False), torch.enable_grad():
+        optimizer.step(closure)
+    return float(log_t.detach().exp())
 
 
 def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -122,10 +223,15 @@ class SCMamba2TrainingPlan(TrainingPlan):
     """scvi-tools :class:`~scvi.train.TrainingPlan` with AdamW, warm-up + cosine schedule.
 
     Weight decay skips biases, norms, embeddings and the SSM parameters (``A_log``, ``dt_bias``,
-    ``D``), as mamba-ssm does. Keyword arguments not listed here are loss weights passed to
+    ``D``), as mamba-ssm does. Keyword arguments not listed here go to
     :meth:`~scmamba2_scvi.module.SCMamba2Module.loss` (``gep_weight``, ``gepc_weight``,
-    ``cls_weight``, ``dar_weight``, ``ecs_weight``, ``ecs_threshold``); any other name raises a
-    ``TypeError``.
+    ``cls_weight``, ``dar_weight``, ``ecs_weight``, ``ecs_threshold``, ``label_weights``, ...);
+    any other name raises a ``TypeError``.
+
+    With a classifier, the annotation recipe is on by default: class-balanced cross-entropy,
+    the weights of the epoch with the best validation macro-F1 (logged as
+    ``validation_macro_f1``, on the validation cells' unmasked values, as :meth:`predict` sees
+    them), and a temperature fitted on the validation cells for calibrated probabilities.
 
     Parameters
     ----------
@@ -148,8 +254,26 @@ class SCMamba2TrainingPlan(TrainingPlan):
         Before each step, a batch predicted not to fit is encoded in groups of cells recomputed
         in the backward pass (same result); a batch where even one cell cannot fit raises a
         :class:`MemoryError` naming the fix.
+    class_balance
+        Weight the classifier's cross-entropy per class by :func:`class_balance_weights` of the
+        training cells' labels (passed to the loss as ``label_weights``; a ``label_weights``
+        given here wins). ``None``: on when the module has a classifier.
+    keep_best
+        Keep a copy of the weights at the validation epoch with the best macro-F1 (the last
+        one on ties) and restore it when training ends. Without validation cells nothing is
+        kept and the last weights stay. ``None``: on when the module has a classifier.
+    calibrate
+        When training ends, fit the classifier's temperature on the validation cells' logits
+        (:func:`fit_temperature`; those of the kept epoch with ``keep_best``) and store it in
+        the module's ``logit_temperature``, which ``predict(soft=True)`` divides the logits by.
+        Without validation cells the temperature is left as it is. ``None``: on when the module
+        has a classifier.
+    dar_warmup
+        Fraction of all training steps over which ``dar_weight`` rises linearly from 0
+        (:func:`linear_ramp`), so the embedding forms before it is pushed to mix batches;
+        0: the full weight from the first step.
     **loss_kwargs
-        Loss weights, see above.
+        Loss arguments, see above.
     """
 
     def __init__(
@@ -163,6 +287,10 @@ class SCMamba2TrainingPlan(TrainingPlan):
         min_lr_ratio: float = 0.05,
         betas: tuple[float, float] = (0.9, 0.98),
         memory_budget: float | None = None,
+        class_balance: bool | None = None,
+        keep_best: bool | None = None,
+        calibrate: bool | None = None,
+        dar_warmup: float = 0.2,
         **loss_kwargs,
     ):
         loss_names = [
@@ -172,15 +300,132 @@ class SCMamba2TrainingPlan(TrainingPlan):
         ]
         own = [p for p in inspect.signature(type(self).__init__).parameters][2:-1]
         check_keywords("SCMamba2TrainingPlan (plan_kwargs)", loss_kwargs, own + loss_names)
+        has_classifier = getattr(module, "classifier", None) is not None
+        for name, value in (
+            ("class_balance", class_balance),
+            ("keep_best", keep_best),
+            ("calibrate", calibrate),
+        ):
+            if value and not has_classifier:
+                raise ValueError(
+                    f"{name}=True needs a classifier: register labels with "
+                    "SCMamba2.setup_anndata(..., labels_key=...) before creating the model, or "
+                    f"leave {name} at None."
+                )
+        if not 0.0 <= dar_warmup <= 1.0:
+            raise ValueError(f"dar_warmup is a fraction of training in [0, 1]; got {dar_warmup}.")
         super().__init__(module, optimizer="AdamW", lr=lr, weight_decay=weight_decay, **loss_kwargs)
         self.warmup_ratio, self.warmup_steps = warmup_ratio, warmup_steps
         self.min_lr_ratio, self.betas = min_lr_ratio, betas
         self.memory_budget = memory_budget
+        self.class_balance = has_classifier if class_balance is None else bool(class_balance)
+        self.keep_best = has_classifier if keep_best is None else bool(keep_best)
+        self.calibrate = has_classifier if calibrate is None else bool(calibrate)
+        self.dar_warmup = dar_warmup
+        self.dar_weight = self.loss_kwargs.get("dar_weight")
+        #: best validation macro-F1 so far (``keep_best``), ``None`` before the first one
+        self.best_macro_f1: float | None = None
+        self._val_batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._best_state: dict[str, torch.Tensor] | None = None
+        self._best_val: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._last_val: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _training_labels(self) -> np.ndarray | None:
+        """Label codes of the training cells (heads' indices, -1 unknown) from the data splitter.
+
+        ``None`` when the data module does not say which cells train (not scvi-tools'
+        :class:`~scvi.dataloaders.DataSplitter`) or no label column is registered.
+        """
+        splitter = getattr(self.trainer, "datamodule", None)
+        manager = getattr(splitter, "adata_manager", None)
+        train_idx = getattr(splitter, "train_idx", None)
+        if manager is None or train_idx is None:
+            return None
+        if manager.registry.get("setup_args", {}).get("labels_key", True) is None:
+            return None
+        codes = np.asarray(manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY)).reshape(-1)
+        codes = codes[np.asarray(train_idx, dtype=np.int64)]
+        # codes past the classifier's (unlabelled, or a query's new categories) are unknown
+        return np.where(codes < self.module.n_labels, codes, -1)
+
+    def on_fit_start(self):
+        """Class weights of the training cells' labels (``class_balance``)."""
+        if not self.class_balance or "label_weights" in self.loss_kwargs:
+            return
+        labels = self._training_labels()
+        if labels is None:
+            warnings.warn(
+                "class_balance: the data module does not say which cells train, so the "
+                "classifier's loss is not class-balanced. Pass label_weights in plan_kwargs "
+                "(see class_balance_weights), or class_balance=False.",
+                UserWarning,
+                stacklevel=2,
+            )
+            return
+        weights = class_balance_weights(labels, self.module.n_labels)
+        self.loss_kwargs["label_weights"] = weights.to(self.device)
 
     def training_step(self, batch, batch_idx):
-        """scvi-tools' step, after the memory guard has planned the batch."""
+        """scvi-tools' step, after the memory guard has planned the batch and DAR's ramp."""
         guard_step(self.module, batch, self.memory_budget)
+        if self.dar_weight and self.dar_warmup > 0:
+            total = self.trainer.estimated_stepping_batches
+            ramp_steps = self.dar_warmup * total if math.isfinite(total) else 0.0
+            weight = self.dar_weight * linear_ramp(self.global_step, ramp_steps)
+            self.loss_kwargs["dar_weight"] = weight
+            self.log("dar_weight", weight, on_step=False, on_epoch=True)
         return super().training_step(batch, batch_idx)
+
+    def on_validation_epoch_start(self):
+        """Start collecting the validation cells' logits."""
+        self._val_batches = []
+
+    def validation_step(self, batch, batch_idx):
+        """scvi-tools' validation losses; with a classifier, also the cells' logits.
+
+        The losses see masked values (the GEP objective); the logits are computed again from
+        all values, as :meth:`~scmamba2_scvi.model.SCMamba2.predict` computes them, so that
+        the kept epoch and the temperature fit what prediction will see.
+        """
+        super().validation_step(batch, batch_idx)
+        labels = batch.get(REGISTRY_KEYS.LABELS_KEY)
+        if getattr(self.module, "classifier", None) is None or labels is None:
+            return
+        unmasked = {**batch, "input_values": batch["values"]}
+        z = self.module.inference(**self.module._get_inference_input(unmasked))["z"]
+        logits = self.module.classifier(z).float().cpu()
+        self._val_batches.append((logits, labels.reshape(-1).long().cpu()))
+
+    def on_validation_epoch_end(self):
+        """Log ``validation_macro_f1``; keep the weights of the best epoch (``keep_best``)."""
+        batches, self._val_batches = self._val_batches, []
+        if not batches or self.trainer.sanity_checking:
+            return
+        logits = torch.cat([b[0] for b in batches])
+        labels = torch.cat([b[1] for b in batches])
+        known = labels >= 0
+        if not bool(known.any()):
+            return
+        score = float(
+            f1_score(labels[known].numpy(), logits[known].argmax(-1).numpy(), average="macro")
+        )
+        self.log("validation_macro_f1", score, on_step=False, on_epoch=True)
+        self._last_val = (logits, labels)
+        if self.keep_best and (self.best_macro_f1 is None or score >= self.best_macro_f1):
+            self.best_macro_f1 = score
+            self._best_state = {
+                k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()
+            }
+            self._best_val = (logits, labels)
+
+    def on_train_end(self):
+        """Restore the best epoch's weights (``keep_best``), then fit the temperature."""
+        if self.keep_best and self._best_state is not None:
+            self.module.load_state_dict(self._best_state)
+            self._best_state = None
+        val = self._best_val if self.keep_best and self._best_val is not None else self._last_val
+        if self.calibrate and val is not None and hasattr(self.module, "logit_temperature"):
+            self.module.logit_temperature.fill_(fit_temperature(*val))
 
     def configure_optimizers(self):
         """AdamW and a per-step warm-up + cosine schedule (:func:`adamw_warmup_cosine`)."""

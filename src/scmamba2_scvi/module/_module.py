@@ -162,6 +162,7 @@ class SCMamba2Module(BaseModuleClass):
         self.discriminator = (
             MLPClassifier(d_model, n_batch, dropout, reverse_gradient=True) if n_batch > 1 else None
         )
+        self.register_buffer("logit_temperature", torch.ones(()))
 
     # ------------------------------------------------------------------ scvi-tools interface
     def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict:
@@ -307,6 +308,7 @@ class SCMamba2Module(BaseModuleClass):
         dar_weight: float = 0.0,
         ecs_weight: float = 0.0,
         ecs_threshold: float = 0.6,
+        label_weights: torch.Tensor | None = None,
     ) -> LossOutput:
         """Weighted sum of the objectives; each weight can be set through ``plan_kwargs``.
 
@@ -327,6 +329,8 @@ class SCMamba2Module(BaseModuleClass):
             ``ecs_threshold`` (integration).
         ecs_threshold
             Threshold of the ECS term.
+        label_weights
+            ``(n_labels,)`` per-class weights of the classifier's cross-entropy.
 
         Returns
         -------
@@ -360,7 +364,7 @@ class SCMamba2Module(BaseModuleClass):
             known = labels >= 0
             logits = generative_outputs["label_logits"]
             if bool(known.any()):
-                ce = F.cross_entropy(logits[known], labels[known])
+                ce = F.cross_entropy(logits[known], labels[known], weight=label_weights)
                 total = total + cls_weight * ce
                 extra["cls"] = ce.detach()
                 extra["accuracy"] = (logits[known].argmax(-1) == labels[known]).float().mean()
