@@ -357,7 +357,7 @@ class SCMamba2TrainingPlan(TrainingPlan):
             warnings.warn(
                 "class_balance: the data module does not say which cells train, so the "
                 "classifier's loss is not class-balanced. Pass label_weights in plan_kwargs "
-                "(see class_balance_weights), or class_balance=False.",
+                "(scmamba2_scvi.model.class_balance_weights), or class_balance=False.",
                 UserWarning,
                 stacklevel=2,
             )
