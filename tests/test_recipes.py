@@ -8,14 +8,17 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from scipy import sparse
 from scvi import REGISTRY_KEYS
+from sklearn.metrics import f1_score
 
 from scmamba2_scvi import SCMamba2
 from scmamba2_scvi.model import _trainingplan
 from scmamba2_scvi.model._trainingplan import (
     SCMamba2TrainingPlan,
     class_balance_weights,
+    confusion_counts,
     fit_temperature,
     linear_ramp,
+    macro_f1,
 )
 from scmamba2_scvi.module import SCMamba2Module
 
@@ -77,6 +80,18 @@ def test_class_balance_weights_formula():
     np.testing.assert_array_equal(class_balance_weights(np.full(5, -1), 3).numpy(), np.ones(3))
     with pytest.raises(ValueError, match="n_labels"):
         class_balance_weights(np.array([0, 3]), 3)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_macro_f1_matches_sklearn(seed):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(300, 6, generator=gen)
+    logits[:, 5] -= 10  # class 5 is never predicted
+    labels = torch.randint(-1, 4, (300,), generator=gen)  # classes 4, 5 never true; -1 unknown
+    known = labels >= 0
+    expected = f1_score(labels[known], logits[known].argmax(-1), average="macro")
+    assert macro_f1(confusion_counts(logits, labels, 6)) == pytest.approx(expected)
+    assert macro_f1(torch.zeros(3, 3)) == 0.0
 
 
 @pytest.mark.parametrize("true_t", [0.5, 2.5])
@@ -153,7 +168,7 @@ def _state_equal(a, b):
 @pytest.mark.parametrize("keep_best", [True, False])
 def test_keep_best_restores_best_validation_epoch(monkeypatch, keep_best):
     scores = iter([0.2, 0.9, 0.5, 0.3])
-    monkeypatch.setattr(_trainingplan, "f1_score", lambda *a, **k: next(scores))
+    monkeypatch.setattr(_trainingplan, "macro_f1", lambda confusion: next(scores))
     torch.manual_seed(0)
     adata = synthetic(n_cells=120)
     SCMamba2.setup_anndata(adata, labels_key="cell_type")
@@ -201,6 +216,10 @@ def test_recipes_on_with_both_keys(annotated):
     assert plan.loss_kwargs["dar_weight"] == 1.0  # after the ramp
     assert plan.dar_weight == 1.0 and plan.loss_kwargs["ecs_weight"] > 0
     assert model.module.token_norm.n_domains == 2  # DSBN
+    # the saved argument stays None, so a query model resolves it again (to the same heads)
+    assert model.init_params_["non_kwargs"]["dsbn"] is None
+    query = SCMamba2.load_query_data(adata.copy(), model)
+    assert query.module.token_norm.n_domains == 2
     # class weights of the training cells' labels
     codes = adata.obs["cell_type"].cat.codes.to_numpy()[model.train_indices]
     torch.testing.assert_close(

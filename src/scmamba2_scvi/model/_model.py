@@ -392,7 +392,7 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
                     label_categories, setup["labels_key"], setup.get("unlabeled_category")
                 )
         self.batch_categories = [str(c) for c in batch_categories]
-        dsbn = len(self.batch_categories) > 1 if dsbn is None else dsbn  # integration recipe
+        dsbn_arg, dsbn = dsbn, len(self.batch_categories) > 1 if dsbn is None else dsbn
         self.label_categories = [str(c) for c in label_categories]
         self.tokenizer_kwargs = {
             "mode": mode,
@@ -427,6 +427,7 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
             vocab=vocab.to_dict(),
             label_categories=self.label_categories,
             batch_categories=self.batch_categories,
+            dsbn=dsbn_arg,  # None (the recipe) is resolved again for a query's batches
         )
 
     # ------------------------------------------------------------------ setup

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from scvi import REGISTRY_KEYS
 from scvi.module.base import BaseModuleClass
 from scvi.train import TrainingPlan
-from sklearn.metrics import f1_score
 
 from scmamba2_scvi.module._memory import guard_step
 
@@ -97,6 +96,31 @@ def class_balance_weights(labels: torch.Tensor | np.ndarray, n_labels: int) -> t
         raw = counts[present].rsqrt()
         weights[present] = raw / raw.mean()
     return weights.float()
+
+
+def confusion_counts(logits: torch.Tensor, labels: torch.Tensor, n_labels: int) -> torch.Tensor:
+    """``(n_labels, n_labels)`` counts of (true, predicted) classes; -1 labels are ignored."""
+    labels = labels.reshape(-1).long()
+    known = labels >= 0
+    pred = logits[known].argmax(-1).long()
+    flat = labels[known] * n_labels + pred
+    return torch.bincount(flat, minlength=n_labels * n_labels).reshape(n_labels, n_labels)
+
+
+def macro_f1(confusion: torch.Tensor) -> float:
+    """Macro-averaged F1 of a confusion matrix (rows true, columns predicted classes).
+
+    Averaged over the classes that are true or predicted at least once, as
+    :func:`sklearn.metrics.f1_score` with ``average="macro"``; 0 for an empty matrix.
+    """
+    confusion = confusion.double()
+    tp = confusion.diagonal()
+    true, pred = confusion.sum(1), confusion.sum(0)
+    seen = (true + pred) > 0
+    if not bool(seen.any()):
+        return 0.0
+    f1 = 2 * tp[seen] / (true[seen] + pred[seen])
+    return float(f1.mean())
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 100) -> float:
@@ -397,18 +421,28 @@ class SCMamba2TrainingPlan(TrainingPlan):
         self._val_batches.append((logits, labels.reshape(-1).long().cpu()))
 
     def on_validation_epoch_end(self):
-        """Log ``validation_macro_f1``; keep the weights of the best epoch (``keep_best``)."""
+        """Log ``validation_macro_f1``; keep the weights of the best epoch (``keep_best``).
+
+        With several processes the confusion counts are summed over them, so that every
+        process keeps the same epoch.
+        """
         batches, self._val_batches = self._val_batches, []
-        if not batches or self.trainer.sanity_checking:
+        if self.trainer.sanity_checking or getattr(self.module, "classifier", None) is None:
             return
-        logits = torch.cat([b[0] for b in batches])
-        labels = torch.cat([b[1] for b in batches])
-        known = labels >= 0
-        if not bool(known.any()):
+        n = self.module.n_labels
+        if batches:
+            logits = torch.cat([b[0] for b in batches])
+            labels = torch.cat([b[1] for b in batches])
+            confusion = confusion_counts(logits, labels, n)
+        else:
+            logits, labels, confusion = None, None, torch.zeros(n, n, dtype=torch.long)
+        if self.trainer.world_size > 1:
+            confusion = self.trainer.strategy.reduce(
+                confusion.to(self.device), reduce_op="sum"
+            ).cpu()
+        if int(confusion.sum()) == 0:
             return
-        score = float(
-            f1_score(labels[known].numpy(), logits[known].argmax(-1).numpy(), average="macro")
-        )
+        score = macro_f1(confusion)
         self.log("validation_macro_f1", score, on_step=False, on_epoch=True)
         self._last_val = (logits, labels)
         if self.keep_best and (self.best_macro_f1 is None or score >= self.best_macro_f1):
@@ -424,8 +458,12 @@ class SCMamba2TrainingPlan(TrainingPlan):
             self.module.load_state_dict(self._best_state)
             self._best_state = None
         val = self._best_val if self.keep_best and self._best_val is not None else self._last_val
-        if self.calibrate and val is not None and hasattr(self.module, "logit_temperature"):
-            self.module.logit_temperature.fill_(fit_temperature(*val))
+        if not self.calibrate or val is None or not hasattr(self.module, "logit_temperature"):
+            return
+        t = fit_temperature(*val) if val[0] is not None else 1.0
+        if self.trainer.world_size > 1:  # one temperature: the first process's
+            t = self.trainer.strategy.broadcast(t, src=0)
+        self.module.logit_temperature.fill_(t)
 
     def configure_optimizers(self):
         """AdamW and a per-step warm-up + cosine schedule (:func:`adamw_warmup_cosine`)."""
