@@ -161,7 +161,7 @@ def test_latent_shape_and_determinism(trained):
 
 def test_reconstructed_expression_tracks_markers(trained):
     adata, model = trained
-    rec = model.get_reconstructed_expression(genes=["GENE0", "GENE15"])
+    rec = model.get_reconstructed_expression(genes=["GENE0", "GENE15"], quantity="value")
     assert rec.shape == (adata.n_obs, 2)
     t0 = (adata.obs["cell_type"] == "type0").to_numpy()
     # GENE0 is a marker of type0: predicted higher there than elsewhere

@@ -55,8 +55,8 @@ class TokenCollate:
     and ``labels`` codes), ``seed`` that of the batch's own generator (masking, random subsets),
     so a batch gets the same tokens in any worker. Returns the tokenizer's dictionary plus
     ``batch`` and ``labels`` ``(b,)`` int64 codes (when loaded) and ``obs_index`` ``(b,)``;
-    it always holds ``log_library`` and, with ``n_zero_genes > 0``, ``zero_genes`` and
-    ``zero_padding_mask``.
+    it always holds ``log_library`` and, with ``n_zero_genes > 0``, ``zero_genes``,
+    ``zero_padding_mask`` and ``n_zero_candidates``.
     """
 
     def __init__(

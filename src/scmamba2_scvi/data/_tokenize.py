@@ -40,7 +40,7 @@ MODES: tuple[str, ...] = ("expressed", "full", "genes")
 GENE_ORDERS: tuple[str, ...] = ("vocab", "genomic", "expression", "random")
 
 #: Keys of a token dictionary with one entry per cell rather than per token.
-_PER_CELL = ("log_library", "zero_genes", "zero_padding_mask")
+_PER_CELL = ("log_library", "zero_genes", "zero_padding_mask", "n_zero_candidates")
 
 _KEY_MAX = (1 << 31) - 1  # float32 bit keys of non-negative values are below this
 
@@ -464,7 +464,9 @@ class Tokenizer:
         of X of each token, -1 for ``<cls>``/padding); per cell, ``log_library`` ``(b,)``
         (``log1p`` of the cell's total count over all columns of X). With ``n_zero_genes`` k > 0
         also ``zero_genes`` ``(b, k)`` (token ids of non-expressed genes, ``<pad>`` where a cell
-        has fewer than k) and ``zero_padding_mask`` ``(b, k)`` (True at those ``<pad>``).
+        has fewer than k), ``zero_padding_mask`` ``(b, k)`` (True at those ``<pad>``) and
+        ``n_zero_candidates`` ``(b,)`` (how many genes they were drawn from: the weight of the
+        sample in an estimate over all of the cell's zeros).
         """
         csr = _to_csr(X, device)
         if csr.n_cols != len(self._col_tokens):
@@ -504,9 +506,8 @@ class Tokenizer:
         k = self.n_zero_genes if n_zero_genes is None else n_zero_genes
         _check_n_zero_genes(k)
         if k > 0:
-            out["zero_genes"], out["zero_padding_mask"] = self._zero_genes(
-                csr.n_rows, row, col, out, k, gen
-            )
+            zero = self._zero_genes(csr.n_rows, row, col, out, k, gen)
+            out["zero_genes"], out["zero_padding_mask"], out["n_zero_candidates"] = zero
         return out
 
     def _zero_genes(
@@ -517,7 +518,7 @@ class Tokenizer:
         out: dict[str, torch.Tensor],
         k: int,
         gen: torch.Generator | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``k`` genes of the pool per cell, neither expressed nor in its sequence.
 
         ``row``/``col`` are the cell's non-zero mapped entries. Candidates are counted per cell;
@@ -556,7 +557,7 @@ class Tokenizer:
         before = torch.searchsorted(gap, query, right=True) - start.unsqueeze(1)
         pos = (ranks + before).clamp(max=n_pool - 1)
         genes = torch.where(valid, pool[pos], self.vocab.pad_id)
-        return genes, ~valid
+        return genes, ~valid, n_cand
 
     def pack(
         self,
@@ -578,7 +579,7 @@ class Tokenizer:
         -------
         The per-token keys of :meth:`__call__` with shape ``(1, T)`` (cells concatenated, ``T``
         the total number of tokens; ``key_padding_mask`` is all False), its per-cell keys
-        (``log_library``, ``zero_genes``, ``zero_padding_mask``) as they are, plus ``seq_idx``
+        (``log_library``, ``zero_genes``, ...) as they are, plus ``seq_idx``
         ``(1, T)`` int32 (cell index of each token) and ``cu_seqlens`` ``(b + 1,)`` int32 (cell
         boundaries). Given the same generator state the tokens equal the real tokens of
         :meth:`__call__`.

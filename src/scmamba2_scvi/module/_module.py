@@ -413,9 +413,11 @@ class SCMamba2Module(BaseModuleClass):
         ecs_threshold
             Threshold of the ECS term.
         zero_weight
-            Binary cross-entropy of GEPC's zero probability: masked genes (zero or not) and the
-            sampled non-expressed ``zero_genes`` of the tokens. Computed when the batch holds a
-            zero target (without one it could only learn "always expressed").
+            Binary cross-entropy of GEPC's zero probability over each cell's genes, estimated
+            from its masked genes (zero or not) and the sampled non-expressed ``zero_genes`` of
+            the tokens, each weighted by the share of the cell's genes it stands for (so the
+            probability is calibrated, not that of the sample's mix). Computed when the batch
+            holds a zero target (without one it could only learn "always expressed").
         label_weights
             ``(n_labels,)`` weight of each class in the classifier's cross-entropy (e.g.
             inverse class frequencies for class balance); ``None``: equal weights.
@@ -501,29 +503,41 @@ class SCMamba2Module(BaseModuleClass):
         seq_idx: torch.Tensor | None,
         n_cells: int,
     ) -> torch.Tensor | None:
-        """Per-cell mean BCE of GEPC's zero logit over masked genes and sampled zero genes.
+        """Per-cell BCE of GEPC's zero logit, an estimate of its mean over the cell's genes.
 
-        ``None`` when the batch holds no zero target.
+        The masked tokens are a uniform sample of the cell's gene tokens (``n_tokens``) and the
+        zero genes one of its ``n_zero_candidates`` other zeros: each term is weighted by the
+        genes it stands for. ``None`` when the batch holds no zero target.
         """
-        is_zero = (targets == 0).to(masked.dtype)
+        is_zero = (targets == 0).float()
+        masked = masked.float()
         bce = F.binary_cross_entropy_with_logits(
-            generative_outputs["gepc_zero_logit"].float(), is_zero.float(), reduction="none"
+            generative_outputs["gepc_zero_logit"].float(), is_zero, reduction="none"
         )
-        total = _per_cell_sum(bce * masked, seq_idx, n_cells)
-        count = _per_cell_sum(masked, seq_idx, n_cells)
+        n_masked = _per_cell_sum(masked, seq_idx, n_cells)
+        pad = tensors.get("key_padding_mask")
+        real = torch.ones_like(masked) if pad is None else (~pad).float()
+        n_tokens = _per_cell_sum(real, seq_idx, n_cells) - 1  # without <cls>
+        w_tok = n_tokens / n_masked.clamp(min=1)
+        total = w_tok * _per_cell_sum(bce * masked, seq_idx, n_cells)
+        weight = w_tok * n_masked
         has_zero = bool((is_zero * masked).any())
         if "zero_gene_logit" in generative_outputs:
             logit = generative_outputs["zero_gene_logit"].float()
-            pad = tensors.get("zero_padding_mask")
-            real = torch.ones_like(logit) if pad is None else (~pad).to(logit.dtype)
+            pad0 = tensors.get("zero_padding_mask")
+            real0 = torch.ones_like(logit) if pad0 is None else (~pad0).float()
+            n_sampled = real0.sum(1)
+            n_cand = tensors.get("n_zero_candidates")
+            n_cand = n_sampled if n_cand is None else n_cand.reshape(-1).float()
+            w_zero = n_cand / n_sampled.clamp(min=1)
             ones = torch.ones_like(logit)
             bce0 = F.binary_cross_entropy_with_logits(logit, ones, reduction="none")
-            total = total + (bce0 * real).sum(1)
-            count = count + real.sum(1)
-            has_zero = has_zero or bool(real.any())
+            total = total + w_zero * (bce0 * real0).sum(1)
+            weight = weight + w_zero * n_sampled
+            has_zero = has_zero or bool(real0.any())
         if not has_zero:
             return None
-        return total / count.clamp(min=1)
+        return total / weight.clamp(min=1)
 
     @torch.inference_mode()
     def sample(self, tensors: dict[str, torch.Tensor], n_samples: int = 1) -> torch.Tensor:
