@@ -452,6 +452,8 @@ class SCMamba2Module(BaseModuleClass):
             total = total + zero_weight * zero.mean()
             extra["gepc_zero"] = zero.mean().detach()
             recon["gepc_zero"] = zero
+        else:  # the zero head stays in the graph: DistributedDataParallel needs every parameter
+            total = total + 0.0 * generative_outputs["gepc_zero_logit"].sum()
         extra["masked_pearson"] = _pearson(
             generative_outputs["gep"][sel].detach().float(), targets[sel].float()
         )
