@@ -35,12 +35,15 @@ def vocab_and_ids(n_genes=N_GENES, extra=5):
 # ---------------------------------------------------------------- zero genes in the tokens
 @pytest.mark.parametrize("mode", ["expressed", "full", "genes"])
 @pytest.mark.parametrize("max_len", [None, 6])
-def test_zero_genes_are_never_expressed_nor_in_the_sequence(mode, max_len):
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_zero_genes_are_never_expressed_nor_in_the_sequence(mode, max_len, shuffled):
     X = counts()
     X[3] = 1  # a cell expressing every gene: no candidate at all
     vocab, ids = vocab_and_ids()
     ids[5] = -1  # an unmapped column: never a zero gene
     ids[8] = ids[7]  # a duplicated gene: its columns are summed
+    if shuffled:  # columns in another order than the vocabulary's
+        ids = ids[np.random.default_rng(1).permutation(len(ids))]
     genes = [1, 2, 3, 4, 9, 10, 11] if mode == "genes" else None
     k = 10
     tok = Tokenizer(ids, vocab, mode=mode, max_len=max_len, genes=genes, n_zero_genes=k)

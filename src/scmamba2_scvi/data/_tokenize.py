@@ -259,6 +259,7 @@ class Tokenizer:
         # The genes zero genes are drawn from (sorted) and each column's place among them.
         self._pool = torch.unique(ids[ids >= 0])
         self._pool_index = torch.where(ids >= 0, torch.searchsorted(self._pool, ids), -1)
+        self._tokens_monotone = bool((ids[ids >= 0].diff() > 0).all())
         self._generators: dict[str, torch.Generator] = {}
 
         # Sort key of each column for the fixed orders (token id or genomic rank).
@@ -506,7 +507,11 @@ class Tokenizer:
         k = self.n_zero_genes if n_zero_genes is None else n_zero_genes
         _check_n_zero_genes(k)
         if k > 0:
-            zero = self._zero_genes(csr.n_rows, row, col, out, k, gen)
+            # Expressed sequences hold only expressed genes: the entries alone are excluded,
+            # already sorted by (cell, pool index) when columns follow the token order.
+            only_entries = columns is None
+            in_order = only_entries and self._tokens_monotone and csr.sorted_cols
+            zero = self._zero_genes(csr.n_rows, row, col, out, k, gen, only_entries, in_order)
             out["zero_genes"], out["zero_padding_mask"], out["n_zero_candidates"] = zero
         return out
 
@@ -518,6 +523,8 @@ class Tokenizer:
         out: dict[str, torch.Tensor],
         k: int,
         gen: torch.Generator | None,
+        only_entries: bool = False,
+        in_order: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``k`` genes of the pool per cell, neither expressed nor in its sequence.
 
@@ -529,12 +536,16 @@ class Tokenizer:
         dev = row.device
         pool, pool_index = self._pool_tables(dev)
         n_pool = len(pool)
-        seq_cols = out["columns"]
-        in_seq = seq_cols >= 0
-        ex_row = torch.cat([row, torch.nonzero(in_seq)[:, 0]])
-        ex_pos = torch.cat([pool_index[col], pool_index[seq_cols[in_seq]]])
-        key = torch.unique(ex_row * n_pool + ex_pos)  # sorted: by cell, then pool index
-        ex_row, ex_pos = key // n_pool, key % n_pool
+        ex_row, ex_pos = row, pool_index[col]
+        if not only_entries:
+            seq_cols = out["columns"]
+            in_seq = seq_cols >= 0
+            ex_row = torch.cat([ex_row, torch.nonzero(in_seq)[:, 0]])
+            ex_pos = torch.cat([ex_pos, pool_index[seq_cols[in_seq]]])
+        key = ex_row * n_pool + ex_pos
+        if not in_order:
+            key = torch.unique(key)  # sorted: by cell, then pool index
+            ex_row, ex_pos = key // n_pool, key % n_pool
         n_ex = torch.bincount(ex_row, minlength=n_rows)
         start = torch.cumsum(n_ex, 0) - n_ex
         rank_in_row = torch.arange(len(key), device=dev) - torch.repeat_interleave(start, n_ex)
