@@ -161,11 +161,16 @@ def test_latent_shape_and_determinism(trained):
 
 def test_reconstructed_expression_tracks_markers(trained):
     adata, model = trained
-    rec = model.get_reconstructed_expression(genes=["GENE0", "GENE15"])
+    rec = model.get_reconstructed_expression(genes=["GENE0", "GENE15"], quantity="value")
     assert rec.shape == (adata.n_obs, 2)
     t0 = (adata.obs["cell_type"] == "type0").to_numpy()
     # GENE0 is a marker of type0: predicted higher there than elsewhere
     assert rec["GENE0"][t0].mean() > rec["GENE0"][~t0].mean()
+    # the default is the hurdle head's expected value: P(expressed) x value if expressed
+    p = model.get_reconstructed_expression(genes=["GENE0", "GENE15"], quantity="p_expressed")
+    expected = model.get_reconstructed_expression(genes=["GENE0", "GENE15"])
+    np.testing.assert_allclose(expected.to_numpy(), (p * rec).to_numpy(), rtol=1e-5)
+    assert ((p.to_numpy() > 0) & (p.to_numpy() < 1)).all()
     with pytest.raises(KeyError, match=r"not in adata.var_names"):
         model.get_reconstructed_expression(genes=["NOPE"])
 

@@ -44,6 +44,9 @@ class TokenCollate:
         Categories of the batch and label heads. The loader's codes already are the heads'
         indices (scvi-tools' registry, transferred from the reference for a query); codes at or
         past these counts (categories the heads do not know, unlabelled cells) become -1.
+    n_zero_genes
+        Non-expressed genes drawn per cell (``zero_genes``, see :class:`Tokenizer`); training
+        negatives of the zero-probability head, 0 for inference.
 
     Notes
     -----
@@ -51,7 +54,9 @@ class TokenCollate:
     :class:`~scvi.data.AnnTorchDataset` returns them (``X`` a CSR tensor or matrix, ``batch``
     and ``labels`` codes), ``seed`` that of the batch's own generator (masking, random subsets),
     so a batch gets the same tokens in any worker. Returns the tokenizer's dictionary plus
-    ``batch`` and ``labels`` ``(b,)`` int64 codes (when loaded) and ``obs_index`` ``(b,)``.
+    ``batch`` and ``labels`` ``(b,)`` int64 codes (when loaded) and ``obs_index`` ``(b,)``;
+    it always holds ``log_library`` and, with ``n_zero_genes > 0``, ``zero_genes``,
+    ``zero_padding_mask`` and ``n_zero_candidates``.
     """
 
     def __init__(
@@ -62,15 +67,22 @@ class TokenCollate:
         packed: bool = False,
         n_batch: int = 0,
         n_labels: int = 0,
+        n_zero_genes: int = 0,
     ) -> None:
         self.tokenizer, self.mask_ratio, self.packed = tokenizer, mask_ratio, packed
+        self.n_zero_genes = n_zero_genes
         self.n_codes = {REGISTRY_KEYS.BATCH_KEY: n_batch, REGISTRY_KEYS.LABELS_KEY: n_labels}
 
     def __call__(self, item: tuple[int, np.ndarray, dict[str, Any]]) -> dict[str, torch.Tensor]:
         seed, obs_index, tensors = item
         generator = torch.Generator().manual_seed(int(seed))
         fn = self.tokenizer.pack if self.packed else self.tokenizer
-        out = fn(tensors[REGISTRY_KEYS.X_KEY], self.mask_ratio, generator)
+        out = fn(
+            tensors[REGISTRY_KEYS.X_KEY],
+            self.mask_ratio,
+            generator,
+            n_zero_genes=self.n_zero_genes,
+        )
         for key, n in self.n_codes.items():
             if key in tensors:
                 codes = torch.as_tensor(np.asarray(tensors[key])).reshape(-1).long()

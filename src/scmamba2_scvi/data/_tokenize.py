@@ -39,6 +39,9 @@ MODES: tuple[str, ...] = ("expressed", "full", "genes")
 #: Gene orders understood by :class:`~scmamba2_scvi.data.Tokenizer`.
 GENE_ORDERS: tuple[str, ...] = ("vocab", "genomic", "expression", "random")
 
+#: Keys of a token dictionary with one entry per cell rather than per token.
+_PER_CELL = ("log_library", "zero_genes", "zero_padding_mask", "n_zero_candidates")
+
 _KEY_MAX = (1 << 31) - 1  # float32 bit keys of non-negative values are below this
 
 
@@ -181,6 +184,12 @@ class Tokenizer:
     check_counts
         Raise when ``X`` holds NaN/inf, negative or non-integer values (pass ``False`` for
         normalised data).
+    n_zero_genes
+        Non-expressed genes drawn per cell (uniformly, without replacement) and returned as
+        ``zero_genes``: the training negatives of the zero-probability head. They come from the
+        mapped genes of ``X``'s columns (genes the data does not measure are unknown, not zero),
+        leaving out every gene with a non-zero count in the cell (kept in its sequence or not)
+        and every gene of its sequence.
     seed
         Seed of the tokenizer's own generator (masking, random subsets and orders); ``None``
         uses torch's global generator.
@@ -205,6 +214,7 @@ class Tokenizer:
         n_bins: int = 51,
         mask_ratio: float = 0.0,
         check_counts: bool = True,
+        n_zero_genes: int = 0,
         seed: int | None = None,
     ) -> None:
         for name, value, allowed in (
@@ -221,6 +231,7 @@ class Tokenizer:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}.")
         if n_bins < 2:
             raise ValueError(f"n_bins must be at least 2, got {n_bins}.")
+        _check_n_zero_genes(n_zero_genes)
         ids = torch.as_tensor(np.asarray(column_tokens), dtype=torch.long).cpu()
         if ids.dim() != 1:
             raise ValueError("column_tokens must be a 1-D array with one token id per column of X.")
@@ -242,8 +253,13 @@ class Tokenizer:
         self.n_bins = n_bins
         self.mask_ratio = mask_ratio
         self.check_counts = check_counts
+        self.n_zero_genes = n_zero_genes
         self.seed = seed
         self._col_tokens = ids  # column_tokens with duplicated genes' later columns at -1
+        # The genes zero genes are drawn from (sorted) and each column's place among them.
+        self._pool = torch.unique(ids[ids >= 0])
+        self._pool_index = torch.where(ids >= 0, torch.searchsorted(self._pool, ids), -1)
+        self._tokens_monotone = bool((ids[ids >= 0].diff() > 0).all())
         self._generators: dict[str, torch.Generator] = {}
 
         # Sort key of each column for the fixed orders (token id or genomic rank).
@@ -357,6 +373,13 @@ class Tokenizer:
             self._cache[device] = (self._col_tokens.to(device), self._col_key.to(device), cols)
         return self._cache[device]
 
+    def _pool_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero-gene pool and each column's index in it on ``device`` (cached)."""
+        key = ("pool", device)
+        if key not in self._cache:
+            self._cache[key] = (self._pool.to(device), self._pool_index.to(device))
+        return self._cache[key]
+
     def _generator(
         self, device: torch.device, generator: torch.Generator | None
     ) -> torch.Generator | None:
@@ -414,6 +437,7 @@ class Tokenizer:
         generator: torch.Generator | None = None,
         *,
         device: torch.device | str | None = None,
+        n_zero_genes: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """Tokenize a batch of cells into right-padded sequences.
 
@@ -428,6 +452,8 @@ class Tokenizer:
             the tokenizer's seeded generator, else torch's global one.
         device
             Device of the outputs (default: X's device; CPU for scipy/numpy input).
+        n_zero_genes
+            Override of the tokenizer's ``n_zero_genes`` for this call.
 
         Returns
         -------
@@ -436,7 +462,12 @@ class Tokenizer:
         ``values`` (float32 targets; ``<cls>`` 0, padding ``PAD_VALUE``), ``input_values``
         (``values`` with masked positions set to ``MASK_VALUE``), ``mask`` (bool, masked gene
         positions), ``key_padding_mask`` (bool, True at padding) and ``columns`` (int64 column
-        of X of each token, -1 for ``<cls>``/padding).
+        of X of each token, -1 for ``<cls>``/padding); per cell, ``log_library`` ``(b,)``
+        (``log1p`` of the cell's total count over all columns of X). With ``n_zero_genes`` k > 0
+        also ``zero_genes`` ``(b, k)`` (token ids of non-expressed genes, ``<pad>`` where a cell
+        has fewer than k), ``zero_padding_mask`` ``(b, k)`` (True at those ``<pad>``) and
+        ``n_zero_candidates`` ``(b,)`` (how many genes they were drawn from: the weight of the
+        sample in an estimate over all of the cell's zeros).
         """
         csr = _to_csr(X, device)
         if csr.n_cols != len(self._col_tokens):
@@ -472,7 +503,72 @@ class Tokenizer:
         else:
             out = self._dense(csr, row, col, raw, tval, col_tokens, columns, gen, generator)
         self._apply_mask(out, ratio, gen)
+        out["log_library"] = torch.log1p(_row_totals(csr, all_rows))
+        k = self.n_zero_genes if n_zero_genes is None else n_zero_genes
+        _check_n_zero_genes(k)
+        if k > 0:
+            # Expressed sequences hold only expressed genes: the entries alone are excluded,
+            # already sorted by (cell, pool index) when columns follow the token order.
+            only_entries = columns is None
+            in_order = only_entries and self._tokens_monotone and csr.sorted_cols
+            zero = self._zero_genes(csr.n_rows, row, col, out, k, gen, only_entries, in_order)
+            out["zero_genes"], out["zero_padding_mask"], out["n_zero_candidates"] = zero
         return out
+
+    def _zero_genes(
+        self,
+        n_rows: int,
+        row: torch.Tensor,
+        col: torch.Tensor,
+        out: dict[str, torch.Tensor],
+        k: int,
+        gen: torch.Generator | None,
+        only_entries: bool = False,
+        in_order: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``k`` genes of the pool per cell, neither expressed nor in its sequence.
+
+        ``row``/``col`` are the cell's non-zero mapped entries. Candidates are counted per cell;
+        ``k`` distinct candidate ranks are drawn (Floyd's algorithm, vectorised over cells) and
+        the rank-``j`` candidate is found from the sorted excluded pool indices ``e_i``: it is
+        ``j + #{i : e_i - i <= j}``.
+        """
+        dev = row.device
+        pool, pool_index = self._pool_tables(dev)
+        n_pool = len(pool)
+        ex_row, ex_pos = row, pool_index[col]
+        if not only_entries:
+            seq_cols = out["columns"]
+            in_seq = seq_cols >= 0
+            ex_row = torch.cat([ex_row, torch.nonzero(in_seq)[:, 0]])
+            ex_pos = torch.cat([ex_pos, pool_index[seq_cols[in_seq]]])
+        key = ex_row * n_pool + ex_pos
+        if not in_order:
+            key = torch.unique(key)  # sorted: by cell, then pool index
+            ex_row, ex_pos = key // n_pool, key % n_pool
+        n_ex = torch.bincount(ex_row, minlength=n_rows)
+        start = torch.cumsum(n_ex, 0) - n_ex
+        rank_in_row = torch.arange(len(key), device=dev) - torch.repeat_interleave(start, n_ex)
+        gap = ex_row * (n_pool + 1) + ex_pos - rank_in_row  # sorted; rows apart
+        n_cand = n_pool - n_ex
+        # Floyd: for j = n-k .. n-1 draw t in [0, j]; take t unless already taken, else j.
+        n_eff = n_cand.clamp(min=k).unsqueeze(1)
+        u = torch.rand((n_rows, k), generator=gen, device=dev, dtype=torch.float64)
+        taken = torch.empty((n_rows, k), dtype=torch.long, device=dev)
+        for i in range(k):
+            j = n_eff[:, 0] - k + i
+            t = (u[:, i] * (j + 1).double()).long().clamp(max=j)
+            seen = (taken[:, :i] == t.unsqueeze(1)).any(1)
+            taken[:, i] = torch.where(seen, j, t)
+        slot = torch.arange(k, device=dev).expand(n_rows, k)
+        few = (n_cand < k).unsqueeze(1)
+        ranks = torch.where(few, slot, taken)
+        valid = slot < n_cand.unsqueeze(1)
+        query = torch.arange(n_rows, device=dev).unsqueeze(1) * (n_pool + 1) + ranks
+        before = torch.searchsorted(gap, query, right=True) - start.unsqueeze(1)
+        pos = (ranks + before).clamp(max=n_pool - 1)
+        genes = torch.where(valid, pool[pos], self.vocab.pad_id)
+        return genes, ~valid, n_cand
 
     def pack(
         self,
@@ -481,24 +577,27 @@ class Tokenizer:
         generator: torch.Generator | None = None,
         *,
         device: torch.device | str | None = None,
+        n_zero_genes: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """Tokenize a batch into one packed sequence (no padding), for varlen kernels.
 
         Parameters
         ----------
-        X, mask_ratio, generator, device
+        X, mask_ratio, generator, device, n_zero_genes
             As in :meth:`__call__`.
 
         Returns
         -------
-        The keys of :meth:`__call__` with shape ``(1, T)`` (cells concatenated, ``T`` the total
-        number of tokens; ``key_padding_mask`` is all False) plus ``seq_idx`` ``(1, T)`` int32
-        (cell index of each token) and ``cu_seqlens`` ``(b + 1,)`` int32 (cell boundaries).
-        Given the same generator state the tokens equal the real tokens of :meth:`__call__`.
+        The per-token keys of :meth:`__call__` with shape ``(1, T)`` (cells concatenated, ``T``
+        the total number of tokens; ``key_padding_mask`` is all False), its per-cell keys
+        (``log_library``, ``zero_genes``, ...) as they are, plus ``seq_idx``
+        ``(1, T)`` int32 (cell index of each token) and ``cu_seqlens`` ``(b + 1,)`` int32 (cell
+        boundaries). Given the same generator state the tokens equal the real tokens of
+        :meth:`__call__`.
         """
-        padded = self(X, mask_ratio, generator, device=device)
+        padded = self(X, mask_ratio, generator, device=device, n_zero_genes=n_zero_genes)
         real = ~padded["key_padding_mask"]
-        out = {k: v[real].unsqueeze(0) for k, v in padded.items()}
+        out = {k: v if k in _PER_CELL else v[real].unsqueeze(0) for k, v in padded.items()}
         lengths = real.sum(1)
         rows = torch.arange(len(lengths), device=real.device, dtype=torch.int32)
         out["seq_idx"] = torch.repeat_interleave(rows, lengths).unsqueeze(0)
@@ -712,6 +811,11 @@ class Tokenizer:
             mask = torch.zeros(values.shape, dtype=torch.bool, device=values.device)
             out["input_values"] = values.clone()
         out["mask"] = mask
+
+
+def _check_n_zero_genes(k: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 0:
+        raise ValueError(f"n_zero_genes must be a non-negative integer, got {k!r}.")
 
 
 def split_by_token_budget(

@@ -265,7 +265,7 @@ def build_module(
     sizes.update({k: params[k] for k in _SIZE_KEYS if params[k] is not None})
     options = (
         "d_conv n_groups chunk_size bidirectional ffn dropout backend precision value_encoding "
-        "n_bins dsbn cell_embedding mask_ratio"
+        "n_bins dsbn cell_embedding mask_ratio batch_decoder library_decoder zero_genes"
     ).split()
     module = SCMamba2Module(
         n_vocab,
@@ -307,6 +307,12 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         Domain-specific batch norm (one per batch), see
         :class:`~scmamba2_scvi.module.SCMamba2Module`; ``None``: on when more than one batch
         is registered (the integration recipe, see :meth:`train`).
+    batch_decoder, library_decoder
+        The decoders read the cell's batch / log library size, so the cell embedding need not
+        carry them (see :class:`~scmamba2_scvi.nn.DecoderCovariates`).
+    zero_genes
+        Non-expressed genes drawn per cell in training, the negatives of GEPC's zero
+        probability (0: none).
     mode, max_len, gene_order, subsample, value_transform
         How a cell becomes a sequence, see :class:`~scmamba2_scvi.data.Tokenizer`. Default:
         expressed genes in vocabulary order, at most 2,048 tokens, quantile-binned values.
@@ -359,6 +365,9 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         dsbn: bool | None = None,
         cell_embedding: Literal["cls", "mean"] = "mean",
         mask_ratio: float = 0.15,
+        batch_decoder: bool = True,
+        library_decoder: bool = True,
+        zero_genes: int = 64,
         mode: Literal["expressed", "full", "genes"] = "expressed",
         max_len: int | None = 2048,
         gene_order: Literal["vocab", "genomic", "expression", "random"] = "vocab",
@@ -543,7 +552,7 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         batch_key: str | None = None,
         min_gene_fraction: float | None = None,
     ) -> TokenCollate:
-        """The loader's tokenizing step for ``adata``'s genes (masked for training).
+        """The loader's tokenizing step for ``adata``'s genes (training: masked, zero genes).
 
         Codes count only where a column was registered (``batch_key`` for another AnnData than
         the model's); scvi-tools' default field gives every cell code 0, read as unknown.
@@ -562,6 +571,7 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
             packed=self.module.token_norm.n_domains == 1,  # DSBN normalises padded batches
             n_batch=len(self.batch_categories) if batch_key is not None else 0,
             n_labels=len(self.label_categories) if setup.get("labels_key") is not None else 0,
+            n_zero_genes=self.module.zero_genes if training else 0,
         )
 
     # ------------------------------------------------------------------ training
@@ -722,8 +732,13 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         progress_bar: bool | None,
         desc: str,
         min_gene_fraction: float | None = None,
+        decoder_offset: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Cell embeddings (and classifier logits) of ``adata``'s cells, in ``indices`` order."""
+        """Cell embeddings and classifier logits of ``adata``'s cells, in ``indices`` order.
+
+        With ``decoder_offset``, the second output is instead the cells' decoder covariates
+        (``(n_cells, d_model)`` offset of the decoders' input; ``None`` without covariates).
+        """
         _check_count_arg("batch_size", batch_size)
         self._check_if_trained(warn=True)
         self.module.eval()
@@ -751,7 +766,13 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
                 z = self.module.inference(**self.module._get_inference_input(batch))["z"].float()
                 zs.append(z.cpu())
-                if self.module.classifier is not None:
+                if decoder_offset:
+                    offset = self.module.covariates(
+                        len(z), batch.get(REGISTRY_KEYS.BATCH_KEY), batch.get("log_library")
+                    )
+                    if offset is not None:
+                        logits.append(offset.float().cpu())
+                elif self.module.classifier is not None:
                     logits.append(self.module.classifier(z).float().cpu())
         back = torch.argsort(torch.cat(positions))  # to the order of `indices`
         return torch.cat(zs)[back], (torch.cat(logits)[back] if logits else None)
@@ -850,11 +871,18 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         token_budget: int | None = None,
         progress_bar: bool | None = None,
         min_gene_fraction: float | None = None,
+        quantity: Literal["expected", "value", "p_expressed"] = "expected",
     ) -> pd.DataFrame | np.ndarray:
         """Expression of each gene predicted from the cell embedding (the GEPC head).
 
-        Values are in the model's value space (quantile bins by default; ``log1p`` with
-        ``value_transform="log1p"``), for zeros and held-out entries alike.
+        By default the expected value, ``P(expressed) * value if expressed``, of GEPC's hurdle
+        head: a mean over zeros and non-zeros, as scVI's
+        :meth:`~scvi.model.SCVI.get_normalized_expression` is the mean of its count
+        distribution (there of normalised counts), so the two compare on the same entries,
+        zeros included (e.g. by correlation with the held-out values). Values are in the model's
+        value space (quantile bins by default; ``log1p(x / total * 1e4)`` with
+        ``value_transform="log1p"``), and the decoders read each cell's own batch and library
+        size, for zeros and held-out entries alike.
 
         Parameters
         ----------
@@ -864,11 +892,19 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
             ``var_names`` of ``adata`` to predict; default all genes in the vocabulary.
         return_numpy
             Return an array instead of a DataFrame.
+        quantity
+            ``"expected"`` (the default, above), ``"value"`` (the value if expressed, for
+            comparisons on non-zero entries) or ``"p_expressed"`` (the probability that the
+            gene is expressed).
 
         Returns
         -------
         Cells x genes predictions.
         """
+        if quantity not in ("expected", "value", "p_expressed"):
+            raise ValueError(
+                f"quantity must be 'expected', 'value' or 'p_expressed'; got {quantity!r}."
+            )
         adata_ = self.adata if adata is None else adata
         ids, _ = self._gene_tokens(adata_, min_gene_fraction=min_gene_fraction)
         names = adata_.var_names
@@ -883,7 +919,7 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
             if unmapped:
                 raise KeyError(f"Genes not in the model's vocabulary: {unmapped}.")
             cols = pos
-        z, _ = self._embed(
+        z, offset = self._embed(
             adata,
             indices,
             batch_size,
@@ -891,11 +927,15 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
             progress_bar,
             "reconstructing",
             min_gene_fraction,
+            decoder_offset=True,
         )
         with torch.inference_mode():
             pred = (
                 self.module.predict_genes(
-                    z.to(self.device), torch.as_tensor(ids[cols], device=self.device)
+                    z.to(self.device),
+                    torch.as_tensor(ids[cols], device=self.device),
+                    None if offset is None else offset.to(self.device),
+                    quantity,
                 )
                 .float()
                 .cpu()

@@ -12,6 +12,7 @@ from torch import nn
 
 from scmamba2_scvi.nn import (
     BiMamba2Encoder,
+    DecoderCovariates,
     DomainBatchNorm,
     ExprDecoder,
     GeneQueryDecoder,
@@ -40,6 +41,34 @@ def _masked_mse(
     return total / count.clamp(min=1)
 
 
+def _per_cell_sum(x: torch.Tensor, seq_idx: torch.Tensor | None, n_cells: int) -> torch.Tensor:
+    """Sum over each cell's tokens: rows are cells, or one packed row with ``seq_idx``."""
+    if seq_idx is None:
+        return x.sum(1)
+    return x.new_zeros(n_cells).index_add_(0, seq_idx.reshape(-1).long(), x.reshape(-1))
+
+
+#: State-dict entries added after the first released format, with the prefixes that name them:
+#: a state dict saved before them loads with their initial values (see ``_fill_new_entries``).
+_NEW_ENTRIES = (
+    "covariates.",
+    "query_decoder.zero_cell.",
+    "query_decoder.zero_gene.",
+    "logit_temperature",
+)
+
+
+def _fill_new_entries(module, state_dict, prefix, *args) -> None:
+    """``load_state_dict`` pre-hook letting state dicts saved before the new entries load.
+
+    Entries of :data:`_NEW_ENTRIES` that ``state_dict`` lacks take the module's current values
+    (the initial ones, for a new module).
+    """
+    for name, value in module.state_dict().items():
+        if name.startswith(_NEW_ENTRIES) and prefix + name not in state_dict:
+            state_dict[prefix + name] = value.detach().clone()
+
+
 def _pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a, b = a - a.mean(), b - b.mean()
     return (a * b).sum() / (a.norm() * b.norm()).clamp(min=1e-8)
@@ -52,8 +81,11 @@ class SCMamba2Module(BaseModuleClass):
     Token = gene embedding (+ LayerNorm) + value embedding, then batch norm over features (one per
     batch with ``dsbn``), then a :class:`~scmamba2_scvi.nn.BiMamba2Encoder`. The cell embedding is
     the mean of the outputs over real tokens (or the output at ``<cls>``, as in the paper).
-    Heads: masked expression (GEP), gene-query expression from the cell embedding (GEPC),
-    cell-type classifier, adversarial batch discriminator (DAR).
+    Heads: masked expression (GEP), gene-query expression from the cell embedding (GEPC, a
+    hurdle head: the value if expressed and the probability of a zero), cell-type classifier,
+    batch discriminator (DAR). The decoders (GEP, GEPC) also read the cell's batch and log
+    library size (:class:`~scmamba2_scvi.nn.DecoderCovariates`), so that the cell embedding
+    need not carry them; the encoder and the cell embedding never see them.
 
     Its input is a token dictionary (:class:`~scmamba2_scvi.data.TokenCollate` in the loader or
     :class:`~scmamba2_scvi.data.Tokenizer`), with batch and label codes that already are the heads'
@@ -99,6 +131,18 @@ class SCMamba2Module(BaseModuleClass):
         Values are divided by this inside the module (inputs and targets; mask and padding
         markers excepted) so that losses are of order one, e.g. ``n_bins - 1`` for binned values;
         predictions are returned on the original scale.
+    batch_decoder
+        Give the decoders an embedding of the cell's batch (with ``n_batch > 1``).
+    library_decoder
+        Give the decoders the cell's ``log1p`` total count (``log_library`` of the tokens).
+    zero_genes
+        Non-expressed genes the model's loader draws per cell in training (``zero_genes`` of
+        the tokens): the negatives of GEPC's zero probability. The module only records it.
+
+    Notes
+    -----
+    Buffer ``logit_temperature`` (scalar, 1.0) divides the classifier's logits for calibrated
+    probabilities (``predict(soft=True)``); it does not enter the training loss.
     """
 
     def __init__(
@@ -127,12 +171,18 @@ class SCMamba2Module(BaseModuleClass):
         cell_embedding: Literal["cls", "mean"] = "mean",
         mask_ratio: float = 0.15,
         value_scale: float = 1.0,
+        batch_decoder: bool = True,
+        library_decoder: bool = True,
+        zero_genes: int = 64,
     ):
         super().__init__()
         if cell_embedding not in ("cls", "mean"):
             raise ValueError(f"cell_embedding must be 'cls' or 'mean'; got {cell_embedding!r}.")
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1); got {mask_ratio}.")
+        if isinstance(zero_genes, bool) or not isinstance(zero_genes, int) or zero_genes < 0:
+            raise ValueError(f"zero_genes must be a non-negative integer; got {zero_genes!r}.")
+        self.zero_genes = zero_genes
         self.n_vocab, self.n_batch, self.n_labels = n_vocab, n_batch, n_labels
         self.d_model, self.cell_embedding, self.mask_ratio = d_model, cell_embedding, mask_ratio
         self.value_scale = float(value_scale)
@@ -158,19 +208,19 @@ class SCMamba2Module(BaseModuleClass):
         )
         self.expr_decoder = ExprDecoder(d_model)
         self.query_decoder = GeneQueryDecoder(d_model)
+        self.covariates = DecoderCovariates(d_model, n_batch, batch_decoder, library_decoder)
         self.classifier = MLPClassifier(d_model, n_labels, dropout) if n_labels > 0 else None
-        self.discriminator = (
-            MLPClassifier(d_model, n_batch, dropout, reverse_gradient=True) if n_batch > 1 else None
-        )
-        self.register_buffer("logit_temperature", torch.ones(()))
+        self.discriminator = MLPClassifier(d_model, n_batch, dropout) if n_batch > 1 else None
+        self.register_buffer("logit_temperature", torch.tensor(1.0))
+        self.register_load_state_dict_pre_hook(_fill_new_entries)
 
     # ------------------------------------------------------------------ scvi-tools interface
     def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict:
         """Inputs of :meth:`inference` from a token dictionary (padded or packed).
 
         ``tensors`` holds the tokenizer's keys (``genes``, ``values``, ``input_values``,
-        ``mask``, ``key_padding_mask``, and ``seq_idx``/``cu_seqlens`` when packed) and
-        optionally ``batch`` codes ``(b,)``.
+        ``mask``, ``key_padding_mask``, and ``seq_idx``/``cu_seqlens`` when packed, and
+        ``log_library``) and optionally ``batch`` codes ``(b,)``.
         """
         batch = tensors.get(REGISTRY_KEYS.BATCH_KEY)
         return {
@@ -182,6 +232,7 @@ class SCMamba2Module(BaseModuleClass):
             "masked": tensors.get("mask"),
             "seq_idx": tensors.get("seq_idx"),
             "cu_seqlens": tensors.get("cu_seqlens"),
+            "log_library": tensors.get("log_library"),
         }
 
     def scale_values(self, values: torch.Tensor) -> torch.Tensor:
@@ -201,6 +252,7 @@ class SCMamba2Module(BaseModuleClass):
         masked: torch.Tensor | None = None,
         seq_idx: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        log_library: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Encode tokenized cells, padded ``(batch, length)`` or packed ``(1, total)``.
 
@@ -221,6 +273,8 @@ class SCMamba2Module(BaseModuleClass):
             Packed cells (:meth:`~scmamba2_scvi.data.Tokenizer.pack`): ``(1, total)`` cell index
             of each token and ``(batch + 1,)`` cell boundaries. No padding is computed; results
             equal the padded batch's.
+        log_library
+            ``(batch,)`` log1p total count of each cell, passed through for the decoders.
 
         Returns
         -------
@@ -262,6 +316,7 @@ class SCMamba2Module(BaseModuleClass):
             "masked": masked,
             "seq_idx": seq_idx,
             "cu_seqlens": cu_seqlens,
+            "log_library": log_library,
         }
 
     def _get_generative_input(self, tensors, inference_outputs) -> dict:
@@ -270,6 +325,9 @@ class SCMamba2Module(BaseModuleClass):
             "tokens": inference_outputs["tokens"],
             "gene_emb": inference_outputs["gene_emb"],
             "seq_idx": inference_outputs.get("seq_idx"),
+            "batch_index": inference_outputs.get("batch_index"),
+            "log_library": inference_outputs.get("log_library"),
+            "zero_genes": tensors.get("zero_genes"),
         }
 
     @auto_move_data
@@ -279,22 +337,41 @@ class SCMamba2Module(BaseModuleClass):
         tokens: torch.Tensor,
         gene_emb: torch.Tensor,
         seq_idx: torch.Tensor | None = None,
+        batch_index: torch.Tensor | None = None,
+        log_library: torch.Tensor | None = None,
+        zero_genes: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Heads: per-token values (GEP), gene-query values (GEPC), label and batch logits.
 
-        With packed tokens (``seq_idx``), each token's gene query meets its own cell's embedding.
+        The decoders read the cell embedding plus the decoder covariates of ``batch_index`` and
+        ``log_library``. With packed tokens (``seq_idx``), each token's gene query meets its own
+        cell's embedding. ``zero_genes`` ``(batch, k)`` adds GEPC's zero logits of those genes.
+        The discriminator gives two sets of logits: ``batch_logits`` on the detached embedding
+        (trains the discriminator only) and ``batch_logits_encoder`` with the discriminator's
+        parameters detached (trains the encoder only).
         """
+        cov = self.covariates(z.shape[0], batch_index, log_library, like=z)
+        cell = z if cov is None else z + cov
         if seq_idx is None:
-            gepc = self.query_decoder(z, gene_emb)
+            dec_tokens = tokens if cov is None else tokens + cov.unsqueeze(1)
+            value, zero_logit = self.query_decoder(cell, gene_emb)
         else:
-            cell_tokens = self.query_decoder.cell(z)[seq_idx.reshape(-1).long()]
-            query = torch.sigmoid(self.query_decoder.query(gene_emb[0]))
-            gepc = (query * cell_tokens).sum(-1).unsqueeze(0)
-        out = {"gep": self.expr_decoder(tokens), "gepc": gepc}
+            cell_of_token = seq_idx.reshape(-1).long()
+            dec_tokens = tokens if cov is None else tokens + cov[cell_of_token].unsqueeze(0)
+            value, zero_logit = self.query_decoder.per_token(cell, gene_emb[0], cell_of_token)
+            value, zero_logit = value.unsqueeze(0), zero_logit.unsqueeze(0)
+        out = {"gep": self.expr_decoder(dec_tokens), "gepc": value, "gepc_zero_logit": zero_logit}
+        if zero_genes is not None:
+            zero_emb = self.gene_norm(self.gene_embedding(zero_genes))
+            out["zero_gene_logit"] = self.query_decoder(cell, zero_emb)[1]
         if self.classifier is not None:
             out["label_logits"] = self.classifier(z)
         if self.discriminator is not None:
-            out["batch_logits"] = self.discriminator(z)
+            out["batch_logits"] = self.discriminator(z.detach())
+            frozen = {k: v.detach() for k, v in self.discriminator.named_parameters()}
+            out["batch_logits_encoder"] = torch.func.functional_call(
+                self.discriminator, frozen, (z,)
+            )
         return out
 
     def loss(
@@ -308,6 +385,7 @@ class SCMamba2Module(BaseModuleClass):
         dar_weight: float = 0.0,
         ecs_weight: float = 0.0,
         ecs_threshold: float = 0.6,
+        zero_weight: float = 1.0,
         label_weights: torch.Tensor | None = None,
     ) -> LossOutput:
         """Weighted sum of the objectives; each weight can be set through ``plan_kwargs``.
@@ -319,23 +397,36 @@ class SCMamba2Module(BaseModuleClass):
         gep_weight
             Masked expression prediction from each token (MSE on masked values).
         gepc_weight
-            Expression of each masked gene from the cell embedding and the gene query (MSE).
+            Expression of each masked expressed gene from the cell embedding and the gene query
+            (MSE of GEPC's value if expressed).
         cls_weight
             Cross-entropy of the cell-type classifier (labelled cells only).
         dar_weight
-            Cross-entropy of the batch discriminator behind gradient reversal (integration).
+            Batch confusion of the encoder (integration): cross-entropy between the batch
+            discriminator's posterior on the cell embedding and the uniform distribution over
+            batches, smallest when the discriminator cannot tell batches apart; only the encoder
+            receives its gradient. The discriminator itself always learns (plain cross-entropy
+            on the detached embedding, added with weight 1; it moves only its own parameters).
         ecs_weight
             Elastic cell similarity: pushes cosine similarities of cells away from
             ``ecs_threshold`` (integration).
         ecs_threshold
             Threshold of the ECS term.
+        zero_weight
+            Binary cross-entropy of GEPC's zero probability over each cell's genes, estimated
+            from its masked genes (zero or not) and the sampled non-expressed ``zero_genes`` of
+            the tokens, each weighted by the share of the cell's genes it stands for (so the
+            probability is calibrated, not that of the sample's mix). Computed when the batch
+            holds a zero target (without one it could only learn "always expressed").
         label_weights
-            ``(n_labels,)`` per-class weights of the classifier's cross-entropy.
+            ``(n_labels,)`` weight of each class in the classifier's cross-entropy (e.g.
+            inverse class frequencies for class balance); ``None``: equal weights.
 
         Returns
         -------
         :class:`~scvi.module.base.LossOutput` with per-term values in ``extra_metrics``
-        (``gep``, ``gepc``, ``masked_pearson``, and ``cls``/``accuracy``, ``dar``, ``ecs``).
+        (``gep``, ``gepc``, ``masked_pearson``, and ``gepc_zero``, ``cls``/``accuracy``, ``dar``
+        (discriminator cross-entropy)/``dar_confusion``, ``ecs`` when computed).
         """
         targets, masked = inference_outputs["targets"], inference_outputs["masked"]
         z = inference_outputs["z"]
@@ -347,13 +438,22 @@ class SCMamba2Module(BaseModuleClass):
                 masked[:, 0] = False  # never <cls>
             else:
                 masked[0, cu_seqlens[:-1].long()] = False
+        sel = masked
         masked = masked.float()
         n_cells = z.shape[0]
         gep = _masked_mse(generative_outputs["gep"], targets, masked, seq_idx, n_cells)
-        gepc = _masked_mse(generative_outputs["gepc"], targets, masked, seq_idx, n_cells)
+        expressed = masked * (targets > 0)
+        gepc = _masked_mse(generative_outputs["gepc"], targets, expressed, seq_idx, n_cells)
         total = gep_weight * gep.mean() + gepc_weight * gepc.mean()
         extra: dict[str, torch.Tensor] = {"gep": gep.mean().detach(), "gepc": gepc.mean().detach()}
-        sel = masked.bool()
+        recon = {"gep": gep, "gepc": gepc}
+        zero = self._zero_loss(tensors, generative_outputs, targets, masked, seq_idx, n_cells)
+        if zero is not None:
+            total = total + zero_weight * zero.mean()
+            extra["gepc_zero"] = zero.mean().detach()
+            recon["gepc_zero"] = zero
+        else:  # the zero head stays in the graph: DistributedDataParallel needs every parameter
+            total = total + 0.0 * generative_outputs["gepc_zero_logit"].sum()
         extra["masked_pearson"] = _pearson(
             generative_outputs["gep"][sel].detach().float(), targets[sel].float()
         )
@@ -364,17 +464,23 @@ class SCMamba2Module(BaseModuleClass):
             known = labels >= 0
             logits = generative_outputs["label_logits"]
             if bool(known.any()):
-                ce = F.cross_entropy(logits[known], labels[known], weight=label_weights)
+                weight = None if label_weights is None else label_weights.to(logits)
+                ce = F.cross_entropy(logits[known], labels[known], weight=weight)
                 total = total + cls_weight * ce
                 extra["cls"] = ce.detach()
                 extra["accuracy"] = (logits[known].argmax(-1) == labels[known]).float().mean()
         batch = inference_outputs["batch_index"]
-        if "batch_logits" in generative_outputs and dar_weight > 0 and batch is not None:
+        if "batch_logits" in generative_outputs and batch is not None:
             known = batch >= 0
             if bool(known.any()):
                 dar = F.cross_entropy(generative_outputs["batch_logits"][known], batch[known])
-                total = total + dar_weight * dar
+                log_p = F.log_softmax(generative_outputs["batch_logits_encoder"][known], -1)
+                confusion = -log_p.mean(-1).mean()  # cross-entropy with the uniform posterior
+                total = total + dar
+                if dar_weight > 0:
+                    total = total + dar_weight * confusion
                 extra["dar"] = dar.detach()
+                extra["dar_confusion"] = confusion.detach()
         if ecs_weight > 0 and z.shape[0] > 1:
             zn = F.normalize(z, dim=-1)
             cos = (zn @ zn.T).masked_fill(
@@ -385,10 +491,55 @@ class SCMamba2Module(BaseModuleClass):
             extra["ecs"] = ecs.detach()
         return LossOutput(
             loss=total,
-            reconstruction_loss={"gep": gep, "gepc": gepc},
+            reconstruction_loss=recon,
             n_obs_minibatch=z.shape[0],
             extra_metrics=extra,
         )
+
+    @staticmethod
+    def _zero_loss(
+        tensors: dict[str, torch.Tensor],
+        generative_outputs: dict[str, torch.Tensor],
+        targets: torch.Tensor,
+        masked: torch.Tensor,
+        seq_idx: torch.Tensor | None,
+        n_cells: int,
+    ) -> torch.Tensor | None:
+        """Per-cell BCE of GEPC's zero logit, an estimate of its mean over the cell's genes.
+
+        The masked tokens are a uniform sample of the cell's gene tokens (``n_tokens``) and the
+        zero genes one of its ``n_zero_candidates`` other zeros: each term is weighted by the
+        genes it stands for. ``None`` when the batch holds no zero target.
+        """
+        is_zero = (targets == 0).float()
+        masked = masked.float()
+        bce = F.binary_cross_entropy_with_logits(
+            generative_outputs["gepc_zero_logit"].float(), is_zero, reduction="none"
+        )
+        n_masked = _per_cell_sum(masked, seq_idx, n_cells)
+        pad = tensors.get("key_padding_mask")
+        real = torch.ones_like(masked) if pad is None else (~pad).float()
+        n_tokens = _per_cell_sum(real, seq_idx, n_cells) - 1  # without <cls>
+        w_tok = n_tokens / n_masked.clamp(min=1)
+        total = w_tok * _per_cell_sum(bce * masked, seq_idx, n_cells)
+        weight = w_tok * n_masked
+        has_zero = bool((is_zero * masked).any())
+        if "zero_gene_logit" in generative_outputs:
+            logit = generative_outputs["zero_gene_logit"].float()
+            pad0 = tensors.get("zero_padding_mask")
+            real0 = torch.ones_like(logit) if pad0 is None else (~pad0).float()
+            n_sampled = real0.sum(1)
+            n_cand = tensors.get("n_zero_candidates")
+            n_cand = n_sampled if n_cand is None else n_cand.reshape(-1).float()
+            w_zero = n_cand / n_sampled.clamp(min=1)
+            ones = torch.ones_like(logit)
+            bce0 = F.binary_cross_entropy_with_logits(logit, ones, reduction="none")
+            total = total + w_zero * (bce0 * real0).sum(1)
+            weight = weight + w_zero * n_sampled
+            has_zero = has_zero or bool(real0.any())
+        if not has_zero:
+            return None
+        return total / weight.clamp(min=1)
 
     @torch.inference_mode()
     def sample(self, tensors: dict[str, torch.Tensor], n_samples: int = 1) -> torch.Tensor:
@@ -396,15 +547,22 @@ class SCMamba2Module(BaseModuleClass):
 
         Returns
         -------
-        ``(n_samples, batch, length)`` GEPC predictions at the tokens of each cell.
+        ``(n_samples, batch, length)`` GEPC expected values (``P(expressed) * value``) at the
+        tokens of each cell.
         """
         _, gen = self.forward(tensors, compute_loss=False)[:2]
-        pred = gen["gepc"] * self.value_scale
+        pred = torch.sigmoid(-gen["gepc_zero_logit"]) * gen["gepc"] * self.value_scale
         return pred.expand(n_samples, *pred.shape)
 
     # ------------------------------------------------------------------ model-side helpers
     @torch.inference_mode()
-    def predict_genes(self, z: torch.Tensor, gene_tokens: torch.Tensor) -> torch.Tensor:
+    def predict_genes(
+        self,
+        z: torch.Tensor,
+        gene_tokens: torch.Tensor,
+        offset: torch.Tensor | None = None,
+        quantity: Literal["expected", "value", "p_expressed"] = "expected",
+    ) -> torch.Tensor:
         """GEPC predictions for a fixed gene set.
 
         Parameters
@@ -413,13 +571,31 @@ class SCMamba2Module(BaseModuleClass):
             ``(cells, d_model)`` cell embeddings.
         gene_tokens
             ``(n_genes,)`` vocabulary ids.
+        offset
+            ``(cells, d_model)`` decoder covariates of the cells (:attr:`covariates`), or
+            ``None`` for none.
+        quantity
+            ``"expected"``: ``P(expressed) * value``, the mean prediction with zeros counted;
+            ``"value"``: the value if expressed; ``"p_expressed"``: the probability that the
+            gene is expressed.
 
         Returns
         -------
-        ``(cells, n_genes)`` predicted values (in the tokenizer's value space).
+        ``(cells, n_genes)`` predictions (values in the tokenizer's value space).
         """
         gene_emb = self.gene_norm(self.gene_embedding(gene_tokens.to(z.device)))
-        return self.query_decoder(z, gene_emb) * self.value_scale
+        cell = z if offset is None else z + offset.to(z)
+        value, zero_logit = self.query_decoder(cell, gene_emb)
+        p_expressed = torch.sigmoid(-zero_logit)
+        if quantity == "p_expressed":
+            return p_expressed
+        if quantity == "value":
+            return value * self.value_scale
+        if quantity == "expected":
+            return p_expressed * value * self.value_scale
+        raise ValueError(
+            f"quantity must be 'expected', 'value' or 'p_expressed'; got {quantity!r}."
+        )
 
     def token_loss(
         self,

@@ -4,12 +4,12 @@ from ._encoder import BiMamba2Block, BiMamba2Encoder
 from ._heads import (
     MASK_VALUE,
     PAD_VALUE,
+    DecoderCovariates,
     DomainBatchNorm,
     ExprDecoder,
     GeneQueryDecoder,
     MLPClassifier,
     ValueEncoder,
-    grad_reverse,
 )
 from ._mixer import HydraMixer, Mamba2Mixer, RMSNorm, flip, reverse_index
 from ._precision import bf16_pays, resolve_precision
@@ -19,6 +19,7 @@ __all__ = [
     "PAD_VALUE",
     "BiMamba2Block",
     "BiMamba2Encoder",
+    "DecoderCovariates",
     "DomainBatchNorm",
     "ExprDecoder",
     "GeneQueryDecoder",
@@ -29,7 +30,6 @@ __all__ = [
     "ValueEncoder",
     "bf16_pays",
     "flip",
-    "grad_reverse",
     "resolve_precision",
     "reverse_index",
 ]

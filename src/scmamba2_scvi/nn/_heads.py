@@ -149,8 +149,12 @@ class ExprDecoder(nn.Module):
 class GeneQueryDecoder(nn.Module):
     """Predict any gene's value from the cell embedding and a gene query (the "GEPC"/MVC head).
 
-    ``value(cell, gene) = <sigmoid(W_q e_gene), W_c z_cell>``: one inner product per (cell, gene),
-    so values of genes absent from the input sequence (zeros, held-out genes) can be predicted.
+    A hurdle head. ``value(cell, gene) = <sigmoid(W_q e_gene), W_c c>`` is the value if the gene
+    is expressed; ``zero_logit(cell, gene) = <sigmoid(W_q e_gene), W_0 c> + w_0 . e_gene + b_0``
+    the logit of the probability that it is not (scGPT's explicit zero probability). One inner
+    product per (cell, gene), so genes absent from the input sequence (zeros, held-out genes)
+    can be predicted. ``c`` is the cell embedding plus the decoder covariates
+    (:class:`DecoderCovariates`).
 
     Parameters
     ----------
@@ -162,9 +166,13 @@ class GeneQueryDecoder(nn.Module):
         super().__init__()
         self.query = nn.Linear(d_model, d_model)
         self.cell = nn.Linear(d_model, d_model)
+        self.zero_cell = nn.Linear(d_model, d_model)
+        self.zero_gene = nn.Linear(d_model, 1)
 
-    def forward(self, cell_emb: torch.Tensor, gene_emb: torch.Tensor) -> torch.Tensor:
-        """Predictions for each cell's own genes.
+    def forward(
+        self, cell_emb: torch.Tensor, gene_emb: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Values if expressed and zero logits of each cell's genes.
 
         Parameters
         ----------
@@ -175,33 +183,94 @@ class GeneQueryDecoder(nn.Module):
 
         Returns
         -------
-        ``(batch, length)`` or ``(batch, n_genes)``.
+        ``value`` and ``zero_logit``, each ``(batch, length)`` or ``(batch, n_genes)``.
         """
         q = torch.sigmoid(self.query(gene_emb))
-        c = self.cell(cell_emb)
+        c, c0 = self.cell(cell_emb), self.zero_cell(cell_emb)
+        bias = self.zero_gene(gene_emb).squeeze(-1)
         if q.dim() == 2:
-            return c @ q.T
-        return torch.einsum("bld,bd->bl", q, c)
+            return c @ q.T, c0 @ q.T + bias
+        return torch.einsum("bld,bd->bl", q, c), torch.einsum("bld,bd->bl", q, c0) + bias
+
+    def per_token(
+        self, cell_emb: torch.Tensor, gene_emb: torch.Tensor, cell_of_token: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` for the tokens of packed cells.
+
+        ``gene_emb`` is ``(T, d)`` and ``cell_of_token`` ``(T,)`` the cell of each token; returns
+        two ``(T,)`` tensors.
+        """
+        q = torch.sigmoid(self.query(gene_emb))
+        c = self.cell(cell_emb)[cell_of_token]
+        c0 = self.zero_cell(cell_emb)[cell_of_token]
+        return (q * c).sum(-1), (q * c0).sum(-1) + self.zero_gene(gene_emb).squeeze(-1)
+
+    def expected(self, cell_emb: torch.Tensor, gene_emb: torch.Tensor) -> torch.Tensor:
+        """Expected value ``P(expressed) * value`` (zeros counted), shaped as :meth:`forward`."""
+        value, zero_logit = self(cell_emb, gene_emb)
+        return torch.sigmoid(-zero_logit) * value
 
 
-class _GradReverse(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, scale):
-        ctx.scale = scale
-        return x.view_as(x)
+class DecoderCovariates(nn.Module):
+    """Per-cell offset added to the decoders' inputs: a batch embedding and log library size.
 
-    @staticmethod
-    def backward(ctx, grad):
-        return -ctx.scale * grad, None
+    Conditioning the decoders (GEP, GEPC) on batch and sequencing depth, as scVI conditions its
+    decoder, lets the reconstruction explain them without the cell embedding carrying them. The
+    encoder never sees the offset. Zero-initialised: an untrained (or older) model's outputs
+    are unchanged.
 
+    Parameters
+    ----------
+    d_model
+        Width of the decoders' inputs.
+    n_batch
+        Batches; the batch embedding exists when ``n_batch > 1`` and ``batch``.
+    batch
+        Add a learned embedding of the cell's batch (cells of an unknown batch, -1, get the
+        mean of the batches' embeddings).
+    library
+        Add a linear projection of ``log1p`` of the cell's total count.
+    """
 
-def grad_reverse(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """Identity forward; multiplies the gradient by ``-scale`` backward (gradient reversal)."""
-    return _GradReverse.apply(x, scale)
+    def __init__(self, d_model: int, n_batch: int = 0, batch: bool = True, library: bool = True):
+        super().__init__()
+        self.batch = None
+        if batch and n_batch > 1:
+            self.batch = nn.Embedding(n_batch, d_model)
+            nn.init.zeros_(self.batch.weight)
+        self.library = None
+        if library:
+            self.library = nn.Linear(1, d_model)
+            nn.init.zeros_(self.library.weight)
+            nn.init.zeros_(self.library.bias)
+
+    def forward(
+        self,
+        n_cells: int,
+        batch_index: torch.Tensor | None = None,
+        log_library: torch.Tensor | None = None,
+        like: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """``(n_cells, d_model)`` offset, or ``None`` when no covariate is used or given.
+
+        ``like`` gives the dtype and device of the offset.
+        """
+        offset = None
+        if self.batch is not None and batch_index is not None:
+            idx = batch_index.reshape(-1).long()
+            known = (idx >= 0) & (idx < self.batch.num_embeddings)
+            emb = self.batch(idx.clamp(0, self.batch.num_embeddings - 1))
+            offset = torch.where(known.unsqueeze(-1), emb, self.batch.weight.mean(0))
+        if self.library is not None and log_library is not None:
+            lib = self.library(log_library.reshape(n_cells, 1).to(self.library.weight.dtype))
+            offset = lib if offset is None else offset + lib
+        if offset is not None and like is not None:
+            offset = offset.to(like.dtype)
+        return offset
 
 
 class MLPClassifier(nn.Module):
-    """Two-layer classifier on cell embeddings (cell types, or batches for the adversary).
+    """Two-layer classifier on cell embeddings (cell types, or batches for the discriminator).
 
     Parameters
     ----------
@@ -211,15 +280,10 @@ class MLPClassifier(nn.Module):
         Output classes.
     dropout
         Dropout before the output layer.
-    reverse_gradient
-        Put a gradient-reversal layer in front (the adversarial batch discriminator, "DAR").
     """
 
-    def __init__(
-        self, d_model: int, n_classes: int, dropout: float = 0.1, reverse_gradient: bool = False
-    ):
+    def __init__(self, d_model: int, n_classes: int, dropout: float = 0.1):
         super().__init__()
-        self.reverse_gradient = reverse_gradient
         self.mlp = nn.Sequential(
             nn.Linear(d_model, d_model),
             nn.ReLU(),
@@ -230,6 +294,4 @@ class MLPClassifier(nn.Module):
 
     def forward(self, cell_emb: torch.Tensor) -> torch.Tensor:
         """``(batch, d)`` -> ``(batch, n_classes)`` logits."""
-        if self.reverse_gradient:
-            cell_emb = grad_reverse(cell_emb)
         return self.mlp(cell_emb)
