@@ -133,7 +133,12 @@ def test_label_weights_weight_the_cross_entropy():
     logits = torch.randn(6, 3)
     labels = torch.tensor([0, 0, 0, 1, 2, -1])
     w = torch.tensor([0.5, 2.0, 1.0])
-    gen = {"gep": torch.zeros(6, 4), "gepc": torch.zeros(6, 4), "label_logits": logits}
+    gen = {
+        "gep": torch.zeros(6, 4),
+        "gepc": torch.zeros(6, 4),
+        "gepc_zero_logit": torch.zeros(6, 4),
+        "label_logits": logits,
+    }
     inf = {
         "targets": torch.zeros(6, 4),
         "masked": torch.ones(6, 4, dtype=torch.bool),
