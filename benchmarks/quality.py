@@ -128,8 +128,7 @@ def load(name: str) -> ad.AnnData:
 
 
 def subsample(adata: ad.AnnData, cfg: Config, stratify: str | None = None) -> ad.AnnData:
-    """About ``cfg.n_cells`` cells (smoke runs), as many of each type as it has up to an equal
-    share, so every type stays; default: all cells."""
+    """About ``cfg.n_cells`` cells (smoke runs), an equal share per type so every type stays."""
     if cfg.n_cells is None or adata.n_obs <= cfg.n_cells:
         return adata
     rng = np.random.default_rng(0)
