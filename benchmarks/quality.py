@@ -30,11 +30,15 @@ then fine-tuned with the same epochs as the from-scratch row (pretrained models 
 ``benchmarks/.cache``). The Markdown starts with SCMamba2 against the best baseline of the same
 run (target met when at or above it), beside the previous results file (``--before``).
 
-Writes ``OUT/quality_cpu.json`` and ``.md`` (``quality_cpu_quick.*`` with ``--quick``). Usage::
+Writes ``OUT/quality_cpu.json`` and ``.md`` (``quality_cpu_quick.*`` with ``--quick``) after
+each task. A run can be split: ``--merge`` keeps the other tasks of OUT's file and its "before".
+Usage (times on 2 cores)::
 
-    python benchmarks/quality.py --ablations --transfer    # everything, see --help for timings
+    python benchmarks/quality.py                       # 4 tasks, ~45 min
+    python benchmarks/quality.py --ablations           # + 10 ablated models, ~1.5 h more
+    python benchmarks/quality.py --transfer --merge    # + 4 pretrainings and fine-tunings, ~1.5 h
     python benchmarks/quality.py --tasks annotation,trajectory --epochs trajectory=6
-    python benchmarks/quality.py --quick --out /tmp/q       # smoke test, a few minutes
+    python benchmarks/quality.py --quick --out /tmp/q  # smoke test, ~5 min
 """
 
 from __future__ import annotations
@@ -85,14 +89,17 @@ class Config:
     max_len: int = 1024
     n_hvg: int = 2000
     n_cells: int | None = None  # subsample every dataset (smoke runs)
-    pretrain_steps: int = 300
+    pretrain_steps: int = 200
     ablations: bool = False
     transfer: bool = False
     quick: bool = False
 
 
-# Measured seconds per epoch on 2 cores (max_len 1024, 2,000 HVG) put each model near 10 minutes.
+# Seconds per epoch of the 2026-11-24 run (2 cores, max_len 1024, 2,000 HVG), 1.6 times faster
+# since the efficiency work (results/train_efficiency_cpu.md): each model near 10 minutes.
 FULL_EPOCHS = {"annotation": 8, "integration": 24, "trajectory": 4, "reconstruction": 24}
+# Reconstruction is scored on log1p values per 10,000: the model predicts in that space.
+TASK_MODEL = {"reconstruction": {"value_transform": "log1p"}}
 QUICK = {"scvi_epochs": 2, "scanvi_epochs": 1, "max_len": 64, "n_hvg": 300, "n_cells": 200}
 QUICK_PRETRAIN_STEPS = 3
 
@@ -192,17 +199,17 @@ def trainer_kwargs() -> dict:
     return {"accelerator": "cpu", "enable_progress_bar": False}
 
 
-def fit_scmamba2(adata, keys: dict, epochs: int, cfg: Config, model=None, plan=None):
-    """SCMamba2 from scratch with this task's defaults (plus one ablated option); (model, s)."""
+def fit_scmamba2(adata, keys: dict, epochs: int, cfg: Config, model: dict, plan: dict):
+    """SCMamba2 from scratch with this task's defaults (or one option changed); (model, s)."""
     import scvi
 
     from scmamba2_scvi import SCMamba2
 
     scvi.settings.seed = 0
     SCMamba2.setup_anndata(adata, **keys)
-    net = SCMamba2(adata, preset="cpu-small", max_len=cfg.max_len, **(model or {}))
+    net = SCMamba2(adata, preset="cpu-small", max_len=cfg.max_len, **model)
     t0 = time.perf_counter()
-    net.train(max_epochs=epochs, plan_kwargs=plan, **trainer_kwargs())
+    net.train(max_epochs=epochs, plan_kwargs=plan or None, **trainer_kwargs())
     return net, time.perf_counter() - t0
 
 
@@ -246,6 +253,7 @@ ABLATIONS = {
         ({}, {"zero_weight": 0.0}),
         ({"zero_genes": 0}, {}),
         ({"library_decoder": False}, {}),
+        ({"value_transform": "bin"}, {}),  # the default value space, for Spearman
     ],
 }
 
@@ -279,6 +287,7 @@ def scmamba2_rows(task: str, cfg: Config, data: Callable, keys: dict, evaluate: 
 
 
 def scratch_row(task, cfg: Config, data, keys: dict, evaluate, model: dict, plan: dict) -> dict:
+    model = {**TASK_MODEL.get(task, {}), **model}
     return scored(evaluate, *fit_scmamba2(data(), keys, cfg.epochs[task], cfg, model, plan))
 
 
@@ -322,14 +331,14 @@ def corpus_shard(name: str, cfg: Config) -> Path:
     return path
 
 
-def pretrained_backbone(evaluated: str, cfg: Config) -> tuple[Path, dict]:
+def pretrained_backbone(evaluated: str, cfg: Config, model: dict) -> tuple[Path, dict]:
     """Backbone pretrained on every corpus dataset but ``evaluated`` (cached); folder, facts."""
     from scmamba2_scvi.model import pretrain
 
     sources = [n for n in [*FILES, "pbmc68k_reduced"] if n != evaluated]
-    out = (
-        CACHE / f"pretrain_no-{evaluated}_{cfg.pretrain_steps}steps_len{cfg.max_len}_{code_hash()}"
-    )
+    model = {"max_len": cfg.max_len, **model}
+    options = "_".join(f"{k}-{v}" for k, v in sorted(model.items()))
+    out = CACHE / f"pretrain_no-{evaluated}_{cfg.pretrain_steps}steps_{options}_{code_hash()}"
     facts_path = out / "benchmark.json"
     if not facts_path.exists():
         shards = [corpus_shard(n, cfg) for n in sources]
@@ -338,7 +347,7 @@ def pretrained_backbone(evaluated: str, cfg: Config) -> tuple[Path, dict]:
             shards,
             out,
             preset="cpu-small",
-            model_kwargs={"max_len": cfg.max_len},
+            model_kwargs=model,
             max_steps=cfg.pretrain_steps,
             accelerator="cpu",
             progress_bar=False,
@@ -354,7 +363,7 @@ TASK_DATA["reconstruction"] = "kang2018"
 
 
 def transfer_row(task: str, cfg: Config, data: Callable, keys: dict, evaluate: Callable) -> dict:
-    backbone, facts = pretrained_backbone(TASK_DATA[task], cfg)
+    backbone, facts = pretrained_backbone(TASK_DATA[task], cfg, TASK_MODEL.get(task, {}))
     model, seconds = finetune_scmamba2(data(), keys, cfg.epochs[task], cfg, backbone)
     rep = model.gene_report_
     note = (
@@ -569,14 +578,10 @@ def hidden_scores(pred: np.ndarray, rows, cols, truth: np.ndarray) -> dict:
     }
 
 
-def scmamba2_log_expression(model, adata: ad.AnnData) -> np.ndarray:
-    """SCMamba2's reconstruction of every entry, as log1p of expression per 10,000 when it can."""
-    params = inspect.signature(model.get_reconstructed_expression).parameters
-    kwargs = {"library_size": 1e4} if "library_size" in params else {}
-    rec = model.get_reconstructed_expression(**kwargs)
-    pred = rec.to_numpy()[:, rec.columns.get_indexer(adata.var_names)]
-    # without library_size (older versions) the values are in the model's own value space
-    return np.log1p(pred) if kwargs else pred
+def scmamba2_expression(model, adata: ad.AnnData) -> np.ndarray:
+    """SCMamba2's reconstruction of every entry of ``adata``, in its genes' order."""
+    rec = model.get_reconstructed_expression()
+    return rec.to_numpy()[:, rec.columns.get_indexer(adata.var_names)]
 
 
 def pca_reconstruction(adata: ad.AnnData, n_pcs: int = 50) -> tuple[np.ndarray, np.ndarray]:
@@ -603,9 +608,7 @@ def reconstruction(cfg: Config) -> dict:
         return {**hidden_scores(pred, rows, cols, truth), **depth_pcr(embedding, corrupted)}
 
     def scmamba2(model) -> dict:
-        return evaluate(
-            scmamba2_log_expression(model, corrupted), model.get_latent_representation()
-        )
+        return evaluate(scmamba2_expression(model, corrupted), model.get_latent_representation())
 
     def scvi_eval(model) -> dict:
         rate = model.get_normalized_expression(return_numpy=True, library_size=1e4)
@@ -620,7 +623,9 @@ def reconstruction(cfg: Config) -> dict:
     return {
         "data": f"kang2018, {corrupted.n_obs} cells x {corrupted.n_vars} HVG; hidden: "
         f"{n_nonzero} non-zero and {len(truth) - n_nonzero} zero entries (10% of each); "
-        "log1p values per 10,000; pcr_*: variance explained by log depth, lower is better",
+        "log1p values per 10,000 (SCMamba2 with value_transform='log1p'; its default, "
+        "value_transform=bin, compares by Spearman only); pcr_*: variance explained by log "
+        "depth, lower is better",
         "methods": methods,
     }
 
@@ -749,7 +754,9 @@ def task_table(task: str, res: dict) -> list[str]:
 
 def markdown(results: dict) -> str:
     cfg = results["config"]
-    epochs = ", ".join(f"{t} {cfg['epochs'][t]}" for t in results["tasks"])
+    epochs = ", ".join(
+        f"{t} {r.get('epochs')} ({r.get('date')})" for t, r in results["tasks"].items()
+    )
     before = results["before"]
     quick = ", quick smoke run: not results" if cfg["quick"] else ""
     lines = [
@@ -757,7 +764,7 @@ def markdown(results: dict) -> str:
         "",
         f"Machine: `{json.dumps(results['machine'])}`",
         "",
-        f"SCMamba2 preset cpu-small, max_len {cfg['max_len']}, defaults of each task, epochs: "
+        f"SCMamba2 preset cpu-small, max_len {cfg['max_len']}, defaults of each task; epochs: "
         f"{epochs}; scVI {cfg['scvi_epochs']} epochs (scANVI +{cfg['scanvi_epochs']}). "
         "Higher is better except pcr_*.",
         "",
@@ -821,7 +828,13 @@ def read_before(path: Path) -> dict:
     if not path.exists():
         return {"source": str(path) + " (missing)", "tasks": {}}
     old = json.loads(path.read_text())
-    return {"source": str(path), "date": old.get("machine", {}).get("date"), "tasks": old["tasks"]}
+    source = path.resolve()
+    source = source.relative_to(ROOT) if source.is_relative_to(ROOT) else source
+    return {
+        "source": str(source),
+        "date": old.get("machine", {}).get("date"),
+        "tasks": old["tasks"],
+    }
 
 
 def epochs_arg(text: str) -> dict:
@@ -862,6 +875,7 @@ def parse(argv) -> argparse.Namespace:
     add("--quick", action="store_true", help="tiny subsets and epochs: a smoke test")
     add("--out", type=Path, default=RESULTS, help="results folder (default benchmarks/results)")
     add("--before", type=Path, default=RESULTS / "quality_cpu.json", help="previous results JSON")
+    add("--merge", action="store_true", help="keep the other tasks (and the before) of OUT's file")
     return parser.parse_args(argv)
 
 
@@ -878,33 +892,44 @@ def config(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def write(results: dict, out: Path, quick: bool) -> None:
-    path = out / ("quality_cpu_quick.json" if quick else "quality_cpu.json")
-    out.mkdir(parents=True, exist_ok=True)
+def output(out: Path, quick: bool) -> Path:
+    return out / ("quality_cpu_quick.json" if quick else "quality_cpu.json")
+
+
+def write(results: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2))
     path.with_suffix(".md").write_text(markdown(results) + "\n")
+
+
+def start(args: argparse.Namespace, cfg: Config) -> dict:
+    """The results record; with ``--merge``, holding the earlier tasks of a run split in parts."""
+    results = {"benchmark": "quality", "config": dataclasses.asdict(cfg), "machine": machine()}
+    path = output(args.out, cfg.quick)
+    earlier = json.loads(path.read_text()) if args.merge and path.exists() else {}
+    results["before"] = earlier.get("before") or read_before(args.before)
+    kept = {t: r for t, r in earlier.get("tasks", {}).items() if t not in args.tasks}
+    results["tasks"] = kept
+    return results
 
 
 def main(argv=None) -> int:
     args = parse(argv)
     cfg = config(args)
     quiet()
-    results = {
-        "benchmark": "quality",
-        "config": dataclasses.asdict(cfg),
-        "machine": machine(),
-        "before": read_before(args.before),
-        "tasks": {},
-    }
+    results = start(args, cfg)
     for task in args.tasks:
         t0 = time.perf_counter()
         print(f"== {task}", flush=True)
-        results["tasks"][task] = TASKS[task](cfg)
-        results["tasks"][task]["seconds"] = round(time.perf_counter() - t0, 1)
+        res = TASKS[task](cfg)
+        res.update(epochs=cfg.epochs[task], date=machine()["date"])
+        res["seconds"] = round(time.perf_counter() - t0, 1)
+        results["tasks"][task] = res
+        results["tasks"] = {t: results["tasks"][t] for t in TASKS if t in results["tasks"]}
         results["summary"] = summary(results, results["before"])
         results["machine"]["load_average_at_end"] = [round(x, 1) for x in os.getloadavg()]
-        write(results, args.out, cfg.quick)
-        print(json.dumps(results["tasks"][task], indent=1, default=str), flush=True)
+        write(results, output(args.out, cfg.quick))
+        print(json.dumps(res, indent=1, default=str), flush=True)
     print(markdown(results))
     return 0
 
