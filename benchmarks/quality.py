@@ -17,7 +17,7 @@ each model trains in about 10 minutes on 2 cores; no ``plan_kwargs``). Tasks:
   (the non-zero ones set to zero) before training; Pearson (and Spearman) of predicted vs true
   log1p-normalised values at all hidden entries (``*_all``, zeros included) and at the hidden
   non-zeros (``*_nonzero``); SCMamba2's ``get_reconstructed_expression`` vs scVI's normalised
-  expression.
+  expression and PCA's rebuilt values (50 components).
 
 Depth check (trajectory, reconstruction: models without labels): ``pcr_counts`` and
 ``pcr_genes``, the share of each embedding's variance explained by log total counts and log genes
@@ -31,12 +31,13 @@ then fine-tuned with the same epochs as the from-scratch row (pretrained models 
 run (target met when at or above it), beside the previous results file (``--before``).
 
 Writes ``OUT/quality_cpu.json`` and ``.md`` (``quality_cpu_quick.*`` with ``--quick``) after
-each task. A run can be split: ``--merge`` keeps the other tasks of OUT's file and its "before".
-Usage (times on 2 cores)::
+each task. A run can be split by tasks: ``--merge`` keeps the other tasks of OUT's file and its
+"before". Usage (times on 2 cores)::
 
     python benchmarks/quality.py                       # 4 tasks, ~45 min
-    python benchmarks/quality.py --ablations           # + 10 ablated models, ~1.5 h more
-    python benchmarks/quality.py --transfer --merge    # + 4 pretrainings and fine-tunings, ~1.5 h
+    python benchmarks/quality.py --ablations --transfer  # + 11 ablated models, 4 pretrainings
+                                                       # and 4 fine-tunings: ~4 h in all
+    python benchmarks/quality.py --tasks integration --ablations --transfer --merge  # one part
     python benchmarks/quality.py --tasks annotation,trajectory --epochs trajectory=6
     python benchmarks/quality.py --quick --out /tmp/q  # smoke test, ~5 min
 """
