@@ -869,10 +869,15 @@ def parse(argv) -> argparse.Namespace:
         help=f"comma-separated, of {','.join(TASKS)}",
     )
     add("--epochs", type=epochs_arg, default={}, help=f"N or task=N,...; default {FULL_EPOCHS}")
-    add("--scvi-epochs", type=int, default=None, help="scVI epochs (default 200)")
+    add("--scvi-epochs", type=int, default=None, help=f"scVI epochs (default {Config.scvi_epochs})")
     add("--ablations", action="store_true", help="rows with one task recipe off (~10 min each)")
     add("--transfer", action="store_true", help="pretrained + fine-tuned rows")
-    add("--pretrain-steps", type=int, default=None, help="pretraining steps per corpus (300)")
+    add(
+        "--pretrain-steps",
+        type=int,
+        default=None,
+        help=f"pretraining steps per corpus (default {Config.pretrain_steps})",
+    )
     add("--quick", action="store_true", help="tiny subsets and epochs: a smoke test")
     add("--out", type=Path, default=RESULTS, help="results folder (default benchmarks/results)")
     add("--before", type=Path, default=RESULTS / "quality_cpu.json", help="previous results JSON")
