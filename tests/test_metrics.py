@@ -88,6 +88,26 @@ def test_pcr_comparison_matches_linear_regression():
     assert metrics.pcr_comparison(X_pre, X, batch) == pytest.approx(expected, rel=1e-6)
 
 
+def test_pcr_matches_linear_regression_on_principal_components():
+    rng = np.random.default_rng(0)
+    depth = rng.normal(size=200)
+    X = np.c_[2 * depth + rng.normal(size=200), rng.normal(size=(200, 3))] @ rng.normal(size=(4, 4))
+
+    # independent oracle: scikit-learn's PCA and R^2 of each component on the covariate
+    from sklearn.decomposition import PCA
+
+    pca = PCA().fit(X)
+    cov = depth[:, None]
+    r2 = [LinearRegression().fit(cov, pc).score(cov, pc) for pc in pca.transform(X).T]
+    expected = np.dot(r2, pca.explained_variance_) / pca.explained_variance_.sum()
+    assert 0.2 < expected < 0.9
+    assert metrics.pcr(X, depth) == pytest.approx(expected, rel=1e-6)
+    assert metrics.pcr(X, depth + 100.0) == pytest.approx(expected, rel=1e-6)  # offset-free
+    assert metrics.pcr(X, rng.normal(size=200)) < 0.05
+    with pytest.raises(ValueError, match="3 values for 200 cells"):
+        metrics.pcr(X, depth[:3])
+
+
 def test_integration_scores_aggregates():
     X, b, y = blobs(mixed=True)
     s = metrics.integration_scores(X, b, y)

@@ -88,6 +88,19 @@ def test_scores_equal_scib_metrics(pbmc, case, exact_diffusion_neighbors):
         assert ours["ilisi"] < 0.2 and kbet < 0.5
 
 
+def test_pcr_equals_scib_metrics(pbmc):
+    from scib_metrics.utils import principal_component_regression
+
+    embeddings, batch, _ = pbmc
+    X = embeddings["split"]
+    depth = X[:, 0] + np.random.default_rng(1).normal(size=len(X))
+    ref = principal_component_regression(X, depth)
+    assert metrics.pcr(X, depth) == pytest.approx(ref, abs=1e-5)
+    assert metrics.pcr(X, batch, categorical=True) == pytest.approx(
+        principal_component_regression(X, batch, categorical=True), abs=1e-5
+    )
+
+
 def test_kmeans_is_at_least_as_good_as_scib_metrics(pbmc):
     # NMI/ARI share scib-metrics' definition (k = number of labels); only the k-means optimiser
     # differs (scikit-learn, 10 restarts, vs jax, 1 start), so compare the objective it minimises.

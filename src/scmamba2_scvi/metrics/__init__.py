@@ -10,6 +10,7 @@ from ._scores import (
     isolated_labels,
     kbet_per_label,
     nmi_ari,
+    pcr,
     pcr_comparison,
     silhouette_label,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "kbet_per_label",
     "neighbors",
     "nmi_ari",
+    "pcr",
     "pcr_comparison",
     "silhouette_label",
 ]

@@ -345,16 +345,44 @@ def kbet_per_label(nn: Neighbors | np.ndarray, batch, labels, *, alpha: float = 
     return float(np.nanmean(scores)) if not np.isnan(scores).all() else float("nan")
 
 
-def _pcr(X: np.ndarray, batch) -> float:
-    """Variance of all principal components explained by batch, weighted by their variance."""
+def pcr(X: np.ndarray, covariate, *, categorical: bool = False) -> float:
+    """Share of an embedding's variance a covariate explains (principal component regression).
+
+    As ``scib_metrics.utils.principal_component_regression``: the covariate (one-hot when
+    categorical) is centred and regressed on every principal component of ``X``, and the
+    components' R^2 are averaged weighted by their variance. For a continuous covariate such as
+    sequencing depth this is how much of the embedding is depth.
+
+    Parameters
+    ----------
+    X
+        ``(n_cells, n_dims)`` embedding.
+    covariate
+        ``(n_cells,)`` values: numbers (e.g. log total counts), or categories (e.g. batches)
+        with ``categorical=True``.
+    categorical
+        One-hot encode ``covariate``.
+
+    Returns
+    -------
+    Score in [0, 1]; 0 means no principal component varies with the covariate.
+    """
     X = np.asarray(X, dtype=np.float64)
-    X = X - X.mean(0)
-    u, s, _ = np.linalg.svd(X, full_matrices=False)
+    if categorical:
+        codes = _codes(covariate)
+        design = np.eye(codes.max() + 1)[codes]
+    else:
+        design = np.asarray(covariate, dtype=np.float64)
+        design = design.reshape(len(design), -1)
+    if len(design) != len(X):
+        raise ValueError(f"covariate has {len(design)} values for {len(X)} cells.")
+    u, s, _ = np.linalg.svd(X - X.mean(0), full_matrices=False)
     pcs, var = u * s, s**2 / (len(X) - 1)
-    onehot = np.eye(len(np.unique(_codes(batch))))[_codes(batch)]
-    onehot -= onehot.mean(0)
-    fit = onehot @ np.linalg.lstsq(onehot, pcs, rcond=None)[0]
-    r2 = np.maximum(0, 1 - ((pcs - fit) ** 2).sum(0) / (pcs**2).sum(0))
+    design = design - design.mean(0)
+    fit = design @ np.linalg.lstsq(design, pcs, rcond=None)[0]
+    total = (pcs**2).sum(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r2 = np.where(total > 0, np.maximum(0, 1 - ((pcs - fit) ** 2).sum(0) / total), 0.0)
     return float(r2 @ var / var.sum())
 
 
@@ -375,8 +403,8 @@ def pcr_comparison(X_pre: np.ndarray, X: np.ndarray, batch) -> float:
     ``(pcr_pre - pcr_post) / pcr_pre`` clipped at 0, where ``pcr`` is the variance-weighted
     R^2 of batch on every principal component; 1 means batch explains nothing left.
     """
-    pre = _pcr(X_pre, batch)
-    return max(0.0, (pre - _pcr(X, batch)) / pre)
+    pre = pcr(X_pre, batch, categorical=True)
+    return max(0.0, (pre - pcr(X, batch, categorical=True)) / pre)
 
 
 def integration_scores(
