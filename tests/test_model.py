@@ -166,10 +166,10 @@ def test_reconstructed_expression_tracks_markers(trained):
     t0 = (adata.obs["cell_type"] == "type0").to_numpy()
     # GENE0 is a marker of type0: predicted higher there than elsewhere
     assert rec["GENE0"][t0].mean() > rec["GENE0"][~t0].mean()
-    # the default is the hurdle head's expected value: P(expressed) x value if expressed
+    # the default is the hurdle head's expected value: P(expressed) x max(value if expressed, 0)
     p = model.get_reconstructed_expression(genes=["GENE0", "GENE15"], quantity="p_expressed")
     expected = model.get_reconstructed_expression(genes=["GENE0", "GENE15"])
-    np.testing.assert_allclose(expected.to_numpy(), (p * rec).to_numpy(), rtol=1e-5)
+    np.testing.assert_allclose(expected.to_numpy(), (p * rec.clip(lower=0)).to_numpy(), rtol=1e-5)
     assert ((p.to_numpy() > 0) & (p.to_numpy() < 1)).all()
     with pytest.raises(KeyError, match=r"not in adata.var_names"):
         model.get_reconstructed_expression(genes=["NOPE"])

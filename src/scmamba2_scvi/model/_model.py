@@ -875,8 +875,8 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
     ) -> pd.DataFrame | np.ndarray:
         """Expression of each gene predicted from the cell embedding (the GEPC head).
 
-        By default the expected value, ``P(expressed) * value if expressed``, of GEPC's hurdle
-        head: a mean over zeros and non-zeros, as scVI's
+        By default the expected value, ``P(expressed) * max(value if expressed, 0)``, of GEPC's
+        hurdle head: a mean over zeros and non-zeros, as scVI's
         :meth:`~scvi.model.SCVI.get_normalized_expression` is the mean of its count
         distribution (there of normalised counts), so the two compare on the same entries,
         zeros included (e.g. by correlation with the held-out values). Values are in the model's

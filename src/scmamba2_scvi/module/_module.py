@@ -575,7 +575,8 @@ class SCMamba2Module(BaseModuleClass):
             ``(cells, d_model)`` decoder covariates of the cells (:attr:`covariates`), or
             ``None`` for none.
         quantity
-            ``"expected"``: ``P(expressed) * value``, the mean prediction with zeros counted;
+            ``"expected"``: ``P(expressed) * max(value, 0)``, the mean prediction with zeros
+            counted;
             ``"value"``: the value if expressed; ``"p_expressed"``: the probability that the
             gene is expressed.
 
@@ -592,7 +593,8 @@ class SCMamba2Module(BaseModuleClass):
         if quantity == "value":
             return value * self.value_scale
         if quantity == "expected":
-            return p_expressed * value * self.value_scale
+            # Every value space is non-negative; the value head is not bounded.
+            return p_expressed * value.clamp(min=0) * self.value_scale
         raise ValueError(
             f"quantity must be 'expected', 'value' or 'p_expressed'; got {quantity!r}."
         )

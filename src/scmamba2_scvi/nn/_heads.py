@@ -208,7 +208,8 @@ class GeneQueryDecoder(nn.Module):
     def expected(self, cell_emb: torch.Tensor, gene_emb: torch.Tensor) -> torch.Tensor:
         """Expected value ``P(expressed) * value`` (zeros counted), shaped as :meth:`forward`."""
         value, zero_logit = self(cell_emb, gene_emb)
-        return torch.sigmoid(-zero_logit) * value
+        # Every value space (counts, log1p, bins) is non-negative; the value head is not bounded.
+        return torch.sigmoid(-zero_logit) * value.clamp(min=0)
 
 
 class DecoderCovariates(nn.Module):
