@@ -615,8 +615,8 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
             :class:`~scmamba2_scvi.model.SCMamba2TrainingPlan` arguments: ``lr``,
             ``weight_decay``, ``warmup_ratio``, the recipe switches ``class_balance``,
             ``keep_best``, ``calibrate``, ``dar_warmup``, and the loss weights ``gep_weight``,
-            ``gepc_weight``, ``cls_weight``, ``dar_weight``, ``ecs_weight``. They override the
-            task recipes (see Notes).
+            ``gepc_weight``, ``zero_weight``, ``cls_weight``, ``dar_weight``, ``ecs_weight``. They
+            override the task recipes (see Notes).
         datasplitter_kwargs
             Passed to scvi-tools' ``DataSplitter`` and to the
             :class:`~scmamba2_scvi.data.TokenDataLoader` (e.g. ``num_workers``: minibatches are
@@ -631,8 +631,10 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         ``plan_kwargs``; an argument given in ``plan_kwargs`` (or to :class:`SCMamba2`) wins.
 
         - Integration, ``batch_key`` with more than one batch: domain-specific batch norm
-          (``dsbn=None`` becomes ``True`` when the model is created), the batch discriminator's
-          objective with ``dar_weight=1.0``, ramped up from 0 over the first 20% of the steps
+          (``dsbn=None`` becomes ``True`` when the model is created), a batch discriminator
+          trained on the cell embedding and the encoder trained to confuse it (cross-entropy of
+          the discriminator's batch posterior to the uniform one) with ``dar_weight=1.0``,
+          ramped up from 0 over the first 20% of the steps
           (``dar_warmup=0.2``), and elastic cell similarity with ``ecs_weight=0.01``: scGPT's
           weight of 10 against a squared error on unscaled bins, rescaled to this model's
           expression losses (values divided by ``n_bins - 1``); not tuned on a benchmark.
