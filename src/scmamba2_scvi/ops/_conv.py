@@ -38,13 +38,27 @@ def depthwise_conv1d(
     """
     k = weight.shape[-1]
     left = k - 1 if causal else (k - 1) // 2
+    y = _DepthwiseConv.apply(x, weight, bias, left)
     if seq_idx is None:
-        return _DepthwiseConv.apply(x, weight, bias, left)
-    # every tap at once: (batch, length, channels, kernel) windows, taps from other sequences zeroed
-    windows = F.pad(x, (0, 0, left, k - 1 - left)).unfold(1, k, 1)
-    same = F.pad(seq_idx, (left, k - 1 - left), value=-1).unfold(1, k, 1) == seq_idx[..., None]
-    y = (windows * same[:, :, None, :].to(x.dtype) * weight).sum(-1)
-    return y if bias is None else y + bias
+        return y
+    # Packed: one plain convolution over the whole row, then the few tokens whose window reaches
+    # into a neighbouring sequence (within ``kernel - 1`` of a boundary) are computed again with
+    # those taps zeroed, instead of masking every tap of every token.
+    seqlen = x.shape[1]
+    taps = torch.arange(k, device=x.device) - left  # offset of each tap from the token
+    idx_pad = F.pad(seq_idx, (left, k - 1 - left), value=-1).unfold(1, k, 1)  # (b, L, k)
+    in_row = F.pad(torch.ones_like(seq_idx, dtype=torch.bool), (left, k - 1 - left)).unfold(1, k, 1)
+    same = idx_pad == seq_idx[..., None]
+    rows, pos = (in_row & ~same).any(-1).nonzero(as_tuple=True)
+    if not len(rows):
+        return y
+    src = pos[:, None] + taps  # (n, k) token read by each tap
+    keep = (same & in_row)[rows, pos].to(x.dtype)[..., None]  # (n, k, 1)
+    windows = x[rows[:, None], src.clamp(0, seqlen - 1)] * keep  # (n, k, channels)
+    edge = torch.einsum("nkc,ck->nc", windows, weight.to(windows.dtype))
+    if bias is not None:
+        edge = edge + bias
+    return y.index_put((rows, pos), edge.to(y.dtype))
 
 
 class _DepthwiseConv(torch.autograd.Function):
