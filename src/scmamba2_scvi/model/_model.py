@@ -349,7 +349,7 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         ffn: bool = False,
         dropout: float = 0.1,
         backend: Literal["auto", "torch", "mamba_ssm", "triton"] = "auto",
-        precision: Literal["auto", "fp32", "bf16"] = "auto",
+        precision: Literal["auto", "fp32", "bf16"] = "fp32",
         value_encoding: Literal["continuous", "categorical"] = "continuous",
         n_bins: int = 51,
         dsbn: bool = False,

@@ -120,7 +120,7 @@ class SCMamba2Module(BaseModuleClass):
         dropout: float = 0.1,
         checkpointing: bool = False,
         backend: Literal["auto", "torch", "mamba_ssm"] = "auto",
-        precision: Literal["auto", "fp32", "bf16"] = "auto",
+        precision: Literal["auto", "fp32", "bf16"] = "fp32",
         value_encoding: Literal["continuous", "categorical"] = "continuous",
         n_bins: int = 51,
         dsbn: bool = False,
