@@ -52,3 +52,14 @@ def test_single_sequence_index_equals_unpacked():
     torch.testing.assert_close(y, depthwise_conv1d(x, w))
     ref = F.conv1d(F.pad(x.transpose(1, 2), (3, 0)), w[:, None], groups=3).transpose(1, 2)
     torch.testing.assert_close(y, ref)
+
+
+def test_bfloat16_input_is_convolved_in_float32():
+    """Under autocast the projections hand bfloat16 to the conv; it computes in float32."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 13, 4, generator=gen).bfloat16()
+    w, bias = torch.randn(4, 4, generator=gen), torch.randn(4, generator=gen)
+    seq_idx = torch.tensor([[0] * 5 + [1] * 8, [0] * 13])
+    y = depthwise_conv1d(x, w, bias, seq_idx=seq_idx)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, depthwise_conv1d(x.float(), w, bias, seq_idx=seq_idx))
