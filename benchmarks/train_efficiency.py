@@ -201,6 +201,8 @@ def _train(p: dict) -> dict:
 
 def _embed(p: dict) -> dict:
     model, adata, order = _model(p)
+    if p.get("precision"):
+        model.module.encoder.precision = p["precision"]
     n = p["n_cells"]
     model.get_latent_representation(adata[order[:32]])  # warm-up
     t0 = time.perf_counter()
@@ -330,6 +332,18 @@ def plan(quick: bool, data: str, compile_: bool) -> list[tuple[str, str, dict, b
             False,
         ),
         (
+            "train cpu-small bf16",
+            "train",
+            {"preset": "cpu-small", "batch_size": 64, "steps": 3, "precision": "bf16"},
+            False,
+        ),
+        (
+            "embed cpu-small bf16",
+            "embed",
+            {"preset": "cpu-small", "n_cells": 256, "precision": "bf16"},
+            False,
+        ),
+        (
             "full cell default",
             "full_cell",
             {"preset": "default", "full_genes": 5999 if quick else 59999},
@@ -369,15 +383,25 @@ def summarize(rows: dict) -> dict:
             if achieved and rate:
                 out[f"{version}: {name} MFU fp32"] = round(achieved / rate["fp32_gflops"], 4)
                 out[f"{version}: {name} MFU bf16"] = round(achieved / rate["bf16_gflops"], 4)
-    fp32, bf16 = rows.get("train default", {}).get("current"), rows.get("train default bf16", {})
-    bf16 = bf16.get("current")
-    if fp32 and bf16 and "cells_per_s" in fp32 and "cells_per_s" in bf16:
-        out["current: default bf16/fp32 cells/s"] = round(
-            bf16["cells_per_s"] / fp32["cells_per_s"], 3
+    for name, key in (
+        ("train default", "cells_per_s"),
+        ("train cpu-small", "cells_per_s"),
+        ("embed cpu-small", "cells_per_s"),
+    ):
+        fp32, bf16 = get(name, "current", key), get(f"{name} bf16", "current", key)
+        if fp32 and bf16:
+            out[f"current: {name} bf16/fp32 {key}"] = round(bf16 / fp32, 3)
+        before = get(name, "base", key)
+        if before and bf16:
+            out[f"{name} bf16 (current) / fp32 (base) {key}"] = round(bf16 / before, 3)
+        loss32, loss16 = (
+            get(name, "current", "first_loss"),
+            get(f"{name} bf16", "current", "first_loss"),
         )
-        out["current: default bf16 vs fp32 first loss, relative"] = round(
-            abs(bf16["first_loss"] - fp32["first_loss"]) / abs(fp32["first_loss"]), 5
-        )
+        if loss32 and loss16:
+            out[f"current: {name} bf16 vs fp32 first loss, relative"] = round(
+                abs(loss16 - loss32) / abs(loss32), 5
+            )
     eager, comp = (
         get("layer 4096", "current", "time_s"),
         get("layer 4096 compile", "current", "time_s"),
@@ -425,6 +449,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, nothing written")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per measurement")
+    parser.add_argument(
+        "--only",
+        help="comma-separated measurement names to run (a reduced run); results are then written "
+        "to train_efficiency_cpu_reduced.{json,md}",
+    )
     args = parser.parse_args(argv)
     if args.worker:
         kind, params = args.worker
@@ -443,27 +472,35 @@ def main(argv: list[str] | None = None) -> int:
         "rows": {},
     }
     t_start = time.perf_counter()
-    for name, kind, params, on_base in plan(args.quick, args.data, args.compile):
+    rows = plan(args.quick, args.data, args.compile)
+    if args.only:
+        wanted = {n.strip() for n in args.only.split(",")}
+        unknown = wanted - {name for name, *_ in rows}
+        if unknown:
+            parser.error(f"unknown measurement(s) {sorted(unknown)}; known: {[r[0] for r in rows]}")
+        rows = [r for r in rows if r[0] in wanted]
+    stem = "train_efficiency_cpu_reduced" if args.only else "train_efficiency_cpu"
+    for name, kind, params, on_base in rows:
         row = results["rows"].setdefault(name, {})
         for version in ("base", "current") if on_base else ("current",):
             row[version] = measure(versions[version], kind, params, args.timeout)
             print(f"{name:22s} {version:8s} {_fmt(row[version])}", flush=True)
         if not args.quick:  # keep what is measured so far
-            _write({**results, "summary": summarize(results["rows"]), "partial": True})
+            _write({**results, "summary": summarize(results["rows"]), "partial": True}, stem)
     results["wall_s"] = round(time.perf_counter() - t_start, 1)
     results["machine"]["load_average_at_end"] = [round(x, 1) for x in os.getloadavg()]
     results["summary"] = summarize(results["rows"])
     print(markdown(results))
     if not args.quick:
-        _write(results)
-        print(f"wrote {RESULTS / 'train_efficiency_cpu.json'} and .md")
+        _write(results, stem)
+        print(f"wrote {RESULTS / stem}.json and .md")
     return 0
 
 
-def _write(results: dict) -> None:
+def _write(results: dict, stem: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "train_efficiency_cpu.json").write_text(json.dumps(results, indent=2))
-    (RESULTS / "train_efficiency_cpu.md").write_text(markdown(results))
+    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    (RESULTS / f"{stem}.md").write_text(markdown(results))
 
 
 def _dirty() -> bool:

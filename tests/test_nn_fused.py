@@ -119,8 +119,9 @@ def test_keeps_only_the_layer_input_for_backward():
     before = saved_bytes(lambda: plain(enc, x, None, None))
     per_token = fused / x.shape[:2].numel()
     # the layer input, the two norms' inputs and the residual: a few d_model vectors per token,
-    # where the plain graph keeps the conv, gate, (chunk x chunk) decays and chunk states
-    assert per_token <= 8 * 64 * 4, per_token
+    # where the plain graph keeps the conv, gate, (chunk x chunk) decays and chunk states; plus
+    # out_proj's input (expand * d_model), since out_proj runs once outside the recomputation
+    assert per_token <= (8 + 2) * 64 * 4, per_token
     assert before > 8 * fused, (before, fused)
 
 

@@ -80,20 +80,28 @@ class BiMamba2Block(nn.Module):
         reversal), carrying their SSM states and reading the previous block's last tokens for
         the convolution: exact, and a block's intermediates stay in cache. Only the layer input
         and the states between blocks are kept for the backward pass (see
-        :func:`~scmamba2_scvi.ops.bidirectional_blocks`).
+        :func:`~scmamba2_scvi.ops.bidirectional_blocks`). ``out_proj`` is linear, so it runs once
+        on the mean of the two directions, outside the recomputed part, instead of once per
+        direction and again in the backward pass.
         """
-        return bidirectional_blocks(
+        out_proj = self.mixer.out_proj
+        y = bidirectional_blocks(
             self._mixer_step,
             h,
             reverse,
             seq_idx,
-            [p for p in self.mixer.parameters() if p.requires_grad],
+            [
+                p
+                for n, p in self.mixer.named_parameters()
+                if p.requires_grad and n != "out_proj.weight"
+            ],
             tokens_per_block=tokens_per_block,
             context=max(1, self.mixer.d_conv - 1),
         )
+        return out_proj(y)
 
     def _mixer_step(self, h2, idx2, n_context, ssm_state):
-        """The mixer on one block (both directions), after ``n_context`` tokens of context."""
+        """The mixer up to ``out_proj`` on one block (both directions), after the context."""
         mixer = self.mixer
         zxbcdt = mixer.in_proj(h2)
         state = None
@@ -108,7 +116,7 @@ class BiMamba2Block(nn.Module):
             state=state,
             return_state=True,
         )
-        return mixer.out_proj(y), ssm_state
+        return y, ssm_state
 
     def forward(
         self,
