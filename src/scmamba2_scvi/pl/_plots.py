@@ -32,6 +32,20 @@ def _finish(axes: Any, name: str, show: bool | None, save: str | Path | bool | N
     return axes
 
 
+_HISTORY_KEYS = (
+    "loss",
+    "gep",
+    "gepc",
+    "gepc_zero",
+    "masked_pearson",
+    "cls",
+    "accuracy",
+    "dar",
+    "dar_confusion",
+    "ecs",
+)
+
+
 def history(
     model: SCMamba2,
     keys: Sequence[str] | None = None,
@@ -48,7 +62,8 @@ def history(
         A trained :class:`~scmamba2_scvi.SCMamba2`.
     keys
         Metric names without the ``_train``/``_validation`` suffix; default: every logged one of
-        ``loss``, ``gep``, ``gepc``, ``masked_pearson``, ``cls``, ``accuracy``, ``dar``, ``ecs``.
+        ``loss``, ``gep``, ``gepc``, ``gepc_zero``, ``masked_pearson``, ``cls``, ``accuracy``,
+        ``dar``, ``dar_confusion``, ``ecs``.
     ax
         Axes to draw into, one per metric; default: a new figure.
     show
@@ -65,11 +80,7 @@ def history(
     if not hist:
         raise ValueError("The model has no training history: train it first.")
     if keys is None:
-        keys = [
-            k
-            for k in ("loss", "gep", "gepc", "masked_pearson", "cls", "accuracy", "dar", "ecs")
-            if f"{k}_train" in hist or f"train_{k}" in hist
-        ]
+        keys = [k for k in _HISTORY_KEYS if f"{k}_train" in hist or f"train_{k}" in hist]
     if not keys:
         raise ValueError(f"None of the requested metrics were logged; logged: {list(hist)}.")
     if ax is None:
