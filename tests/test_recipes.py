@@ -1,12 +1,12 @@
 """Task recipes: the plan's pure pieces against independent computations, then the defaults."""
 
-import anndata as ad
+import importlib.util
+from pathlib import Path
+
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from scipy import sparse
 from scvi import REGISTRY_KEYS
 from sklearn.metrics import f1_score
 
@@ -24,37 +24,13 @@ from scmamba2_scvi.module import SCMamba2Module
 
 pytestmark = pytest.mark.usefixtures("quiet")  # warnings off (conftest)
 
-TINY = {
-    "preset": "cpu-small",
-    "d_model": 32,
-    "n_layers": 1,
-    "d_state": 8,
-    "head_dim": 16,
-    "max_len": 64,
-    "dropout": 0.0,
-}
-FAST = {"accelerator": "cpu", "enable_progress_bar": False}
-
-
-def synthetic(n_cells, n_genes=60, n_types=3, seed=0):
-    """Cell types with disjoint marker genes (Poisson counts, markers 8x), two random batches."""
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n_cells) % n_types
-    rate = np.full((n_cells, n_genes), 0.6)
-    per = n_genes // (2 * n_types)
-    for t in range(n_types):
-        rate[labels == t, t * per : (t + 1) * per] = 5.0
-    counts = rng.poisson(rate).astype(np.float32)
-    counts[counts.sum(1) == 0, 0] = 1
-    obs = pd.DataFrame(
-        {
-            "cell_type": pd.Categorical([f"type{t}" for t in labels]),
-            "batch": pd.Categorical(rng.choice(["a", "b"], n_cells)),
-        },
-        index=[f"cell{i}" for i in range(n_cells)],
-    )
-    var = pd.DataFrame(index=[f"GENE{i}" for i in range(n_genes)])
-    return ad.AnnData(sparse.csr_matrix(counts), obs=obs, var=var)
+# the model tests' synthetic data and tiny sizes (pytest imports test files by path)
+_spec = importlib.util.spec_from_file_location(
+    "_model_tests", Path(__file__).with_name("test_model.py")
+)
+_model_tests = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_model_tests)
+FAST, TINY, synthetic = _model_tests.FAST, _model_tests.TINY, _model_tests.synthetic
 
 
 # ---------------------------------------------------------------- pure functions
