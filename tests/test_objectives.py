@@ -107,7 +107,7 @@ def test_expected_is_p_expressed_times_value():
     cell, genes = torch.randn(3, 8), torch.randn(5, 8)
     value, zero_logit = dec(cell, genes)
     torch.testing.assert_close(
-        dec.expected(cell, genes), torch.sigmoid(-zero_logit) * value.clamp(min=0)
+        dec.expected(value, zero_logit), torch.sigmoid(-zero_logit) * value.clamp(min=0)
     )
     # per-cell gene sets and packed tokens give the same numbers as the fixed gene set
     v3, z3 = dec(cell, genes.expand(3, 5, 8))

@@ -547,11 +547,11 @@ class SCMamba2Module(BaseModuleClass):
 
         Returns
         -------
-        ``(n_samples, batch, length)`` GEPC expected values (``P(expressed) * value``) at the
-        tokens of each cell.
+        ``(n_samples, batch, length)`` GEPC expected values (``P(expressed) * max(value, 0)``)
+        at the tokens of each cell.
         """
         _, gen = self.forward(tensors, compute_loss=False)[:2]
-        pred = torch.sigmoid(-gen["gepc_zero_logit"]) * gen["gepc"] * self.value_scale
+        pred = self.query_decoder.expected(gen["gepc"], gen["gepc_zero_logit"]) * self.value_scale
         return pred.expand(n_samples, *pred.shape)
 
     # ------------------------------------------------------------------ model-side helpers
@@ -587,14 +587,12 @@ class SCMamba2Module(BaseModuleClass):
         gene_emb = self.gene_norm(self.gene_embedding(gene_tokens.to(z.device)))
         cell = z if offset is None else z + offset.to(z)
         value, zero_logit = self.query_decoder(cell, gene_emb)
-        p_expressed = torch.sigmoid(-zero_logit)
         if quantity == "p_expressed":
-            return p_expressed
+            return torch.sigmoid(-zero_logit)
         if quantity == "value":
             return value * self.value_scale
         if quantity == "expected":
-            # Every value space is non-negative; the value head is not bounded.
-            return p_expressed * value.clamp(min=0) * self.value_scale
+            return self.query_decoder.expected(value, zero_logit) * self.value_scale
         raise ValueError(
             f"quantity must be 'expected', 'value' or 'p_expressed'; got {quantity!r}."
         )

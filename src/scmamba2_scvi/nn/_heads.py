@@ -205,9 +205,9 @@ class GeneQueryDecoder(nn.Module):
         c0 = self.zero_cell(cell_emb)[cell_of_token]
         return (q * c).sum(-1), (q * c0).sum(-1) + self.zero_gene(gene_emb).squeeze(-1)
 
-    def expected(self, cell_emb: torch.Tensor, gene_emb: torch.Tensor) -> torch.Tensor:
-        """Expected value ``P(expressed) * value`` (zeros counted), shaped as :meth:`forward`."""
-        value, zero_logit = self(cell_emb, gene_emb)
+    @staticmethod
+    def expected(value: torch.Tensor, zero_logit: torch.Tensor) -> torch.Tensor:
+        """Expected value ``P(expressed) * max(value, 0)`` (zeros counted) of the head's outputs."""
         # Every value space (counts, log1p, bins) is non-negative; the value head is not bounded.
         return torch.sigmoid(-zero_logit) * value.clamp(min=0)
 
