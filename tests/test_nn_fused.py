@@ -71,11 +71,13 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("keep", [False, True], ids=["recomputed", "kept"])
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("tokens_per_block", [None, 8, 13])
-def test_matches_recurrence_oracle_and_plain_path(case, tokens_per_block, monkeypatch):
+def test_matches_recurrence_oracle_and_plain_path(case, tokens_per_block, keep, monkeypatch):
     b, lengths = CASES[case]
     enc = encoder(tokens_per_block=tokens_per_block)
+    enc.keep_activations = keep
     if b == 1:
         x = rand(1, sum(lengths), 32)
         pad = None

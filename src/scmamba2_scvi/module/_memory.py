@@ -8,6 +8,9 @@ run the batch in groups of cells, each recomputed in the backward pass. That is 
 computation (cells are independent in the encoder; batch statistics outside it are unchanged),
 so losses and gradients equal the unsplit step's. A real gradient-accumulation split of the
 whole batch would change the token BatchNorm's statistics and the mask draw.
+
+The other way round, a small step keeps the mixers' intermediates instead of recomputing them
+(the encoder's ``keep_activations``): the same gradients, one forward pass fewer.
 """
 
 from __future__ import annotations
@@ -21,6 +24,11 @@ import torch
 # Peak over what the saved tensors alone predict: gradients of the activations, the transient
 # intermediates of the layer being recomputed, allocator slack. Checked by the training benchmark.
 _SAFETY = 2.0
+# Keeping the mixers' intermediates costs several times the memory of recomputing them; it is
+# chosen only for steps far below what is available (room for the rest of the machine) and
+# below an absolute cap, so that long cells and large batches keep the lean path.
+_KEEP_FRACTION = 0.25
+_KEEP_CAP = 2 * 2**30
 
 
 def available_bytes(device: torch.device) -> int:
@@ -38,16 +46,25 @@ def available_bytes(device: torch.device) -> int:
 class StepMemory:
     """Bytes that autograd saves per token slot of a batch, inside and outside the encoder.
 
-    ``encoder_input`` is what a recomputed encoder group still keeps per token (its input).
+    ``encoder_input`` is what a recomputed encoder group still keeps per token (its input);
+    ``encoder_kept`` what the encoder saves when its mixers keep their intermediates.
     """
 
     encoder: float
     rest: float
     encoder_input: float
+    encoder_kept: float = 0.0
 
-    def peak(self, n_cells: int, seqlen: int, group: int | None = None) -> float:
-        """Predicted peak bytes of a training step (``group``: cells per recomputed group)."""
+    def peak(
+        self, n_cells: int, seqlen: int, group: int | None = None, *, kept: bool = False
+    ) -> float:
+        """Predicted peak bytes of a training step.
+
+        ``group``: cells per recomputed group; ``kept``: the mixers keep their intermediates.
+        """
         tokens = n_cells * seqlen
+        if kept:
+            return _SAFETY * tokens * (self.encoder_kept + self.rest)
         if group is None:
             return _SAFETY * tokens * (self.encoder + self.rest)
         # the encoder keeps each group's input; one group's activations live during its backward
@@ -58,7 +75,8 @@ class StepMemory:
 def measure_step_memory(module, tokens: dict[str, torch.Tensor]) -> StepMemory:
     """Saved bytes per token slot of one forward + loss on a tokenized probe.
 
-    Leaves the module as it was: random state and BatchNorm statistics are restored.
+    Measured twice: with the mixers recomputing their intermediates and keeping them. Leaves
+    the module as it was: random state and BatchNorm statistics are restored.
 
     Parameters
     ----------
@@ -71,6 +89,25 @@ def measure_step_memory(module, tokens: dict[str, torch.Tensor]) -> StepMemory:
     -------
     The bytes per token slot saved for the backward pass.
     """
+    keep = module.encoder.keep_activations
+    try:
+        module.encoder.keep_activations = False
+        encoder, rest = _saved_bytes(module, tokens)
+        module.encoder.keep_activations = True
+        encoder_kept, _ = _saved_bytes(module, tokens)
+    finally:
+        module.encoder.keep_activations = keep
+    n = tokens["genes"].numel()
+    return StepMemory(
+        encoder=encoder / n,
+        rest=rest / n,
+        encoder_input=4.0 * module.d_model,
+        encoder_kept=encoder_kept / n,
+    )
+
+
+def _saved_bytes(module, tokens: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """Bytes autograd saves in one forward + loss, inside the encoder and outside it."""
     seen: dict[int, int] = {}
     in_encoder: set[int] = set()
     inside = [False]
@@ -98,10 +135,9 @@ def measure_step_memory(module, tokens: dict[str, torch.Tensor]) -> StepMemory:
             hook.remove()
         module.load_state_dict(buffers, strict=False)
     params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    n = tokens["genes"].numel()
     enc = sum(v for k, v in seen.items() if k in in_encoder and k not in params)
     rest = sum(v for k, v in seen.items() if k not in in_encoder and k not in params)
-    return StepMemory(encoder=enc / n, rest=rest / n, encoder_input=4.0 * module.d_model)
+    return enc, rest
 
 
 def plan_groups(memory: StepMemory, n_cells: int, seqlen: int, budget: float) -> int | None:
@@ -151,13 +187,20 @@ def batch_shape(tokens: dict[str, torch.Tensor]) -> tuple[int, int]:
     return cu.numel() - 1, int(torch.diff(cu).max())
 
 
-def guard_step(module, tokens: dict[str, torch.Tensor], budget: float | None = None) -> int | None:
-    """Before a training step on ``tokens``: split the encoder into groups if it would not fit.
+def keeps_activations(memory: StepMemory, n_cells: int, seqlen: int, budget: float) -> bool:
+    """Whether a step may keep the mixers' intermediates: far below ``budget`` and a cap."""
+    return memory.peak(n_cells, seqlen, kept=True) <= min(_KEEP_FRACTION * budget, _KEEP_CAP)
 
-    Measures the bytes per token once per module (on the batch's first cell), predicts the
+
+def guard_step(module, tokens: dict[str, torch.Tensor], budget: float | None = None) -> int | None:
+    """Before a training step on ``tokens``: plan how the encoder keeps what backward needs.
+
+    Measures the bytes per token once per module (on the batch's first cell) and predicts the
     peak of a step on the batch (packed batches are counted as if padded to their longest
-    cell, an upper bound), and sets ``module.encoder.checkpoint_cells`` (``None`` when the batch
-    fits).
+    cell, an upper bound). A small step keeps the mixers' intermediates
+    (``module.encoder.keep_activations``, see :func:`keeps_activations`); otherwise they are
+    recomputed in the backward pass, and a batch that would not fit even so is split into
+    groups of cells (``module.encoder.checkpoint_cells``, ``None`` when the batch fits).
 
     Parameters
     ----------
@@ -178,5 +221,7 @@ def guard_step(module, tokens: dict[str, torch.Tensor], budget: float | None = N
     if budget is None:
         budget = available_bytes(next(module.parameters()).device)
     n_cells, seqlen = batch_shape(tokens)
-    module.encoder.checkpoint_cells = plan_groups(memory, n_cells, seqlen, budget)
+    keep = keeps_activations(memory, n_cells, seqlen, budget)
+    module.encoder.keep_activations = keep
+    module.encoder.checkpoint_cells = None if keep else plan_groups(memory, n_cells, seqlen, budget)
     return module.encoder.checkpoint_cells

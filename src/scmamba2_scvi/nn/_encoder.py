@@ -71,7 +71,7 @@ class BiMamba2Block(nn.Module):
                 nn.Linear(ffn_mult * d_model, d_model),
             )
 
-    def _shared_flip(self, h, reverse, seq_idx, tokens_per_block) -> torch.Tensor:
+    def _shared_flip(self, h, reverse, seq_idx, tokens_per_block, recompute) -> torch.Tensor:
         """Both directions of the shared Mamba2, block by block, recomputed in the backward pass.
 
         The projections act token by token, so the backward direction reads the input tokens
@@ -80,9 +80,9 @@ class BiMamba2Block(nn.Module):
         reversal), carrying their SSM states and reading the previous block's last tokens for
         the convolution: exact, and a block's intermediates stay in cache. Only the layer input
         and the states between blocks are kept for the backward pass (see
-        :func:`~scmamba2_scvi.ops.bidirectional_blocks`). ``out_proj`` is linear, so it runs once
-        on the mean of the two directions, outside the recomputed part, instead of once per
-        direction and again in the backward pass.
+        :func:`~scmamba2_scvi.ops.bidirectional_blocks`), unless ``recompute`` is False.
+        ``out_proj`` is linear, so it runs once on the mean of the two directions, outside the
+        recomputed part, instead of once per direction and again in the backward pass.
         """
         out_proj = self.mixer.out_proj
         y = bidirectional_blocks(
@@ -97,6 +97,7 @@ class BiMamba2Block(nn.Module):
             ],
             tokens_per_block=tokens_per_block,
             context=max(1, self.mixer.d_conv - 1),
+            recompute=recompute,
         )
         return out_proj(y)
 
@@ -125,15 +126,17 @@ class BiMamba2Block(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
         seq_idx: torch.Tensor | None = None,
         tokens_per_block: int | None = None,
+        recompute: bool = True,
     ) -> torch.Tensor:
         """Update ``(batch, length, d_model)`` token states; see :class:`BiMamba2Encoder`.
 
         ``tokens_per_block`` (``"shared_flip"`` only): scan the sequence in blocks of this many
-        tokens (exact).
+        tokens (exact). ``recompute`` (``"shared_flip"`` only): the mixer's intermediates are
+        recomputed in the backward pass (``False``: kept; faster, more memory).
         """
         h = self.norm(x)
         if self.bidirectional == "shared_flip":
-            m = self._shared_flip(h, reverse, seq_idx, tokens_per_block)
+            m = self._shared_flip(h, reverse, seq_idx, tokens_per_block, recompute)
         else:
             m = self.mixer(h, reverse=reverse, key_padding_mask=key_padding_mask, seq_idx=seq_idx)
         x = x + self.dropout(m)
@@ -162,7 +165,7 @@ class BiMamba2Encoder(nn.Module):
         Dropout on block outputs.
     checkpointing
         Also recompute each whole layer in the backward pass, keeping only the layer inputs (the
-        ``"shared_flip"`` mixer always recomputes its own intermediates).
+        ``"shared_flip"`` mixer recomputes its own intermediates unless ``keep_activations``).
     backend
         SSD backend, see :func:`scmamba2_scvi.ops.ssd_scan`.
     cpu_microbatch_elements
@@ -219,6 +222,10 @@ class BiMamba2Encoder(nn.Module):
         #: encode the batch in groups of this many cells, each recomputed in the backward pass
         #: (same result, memory of one group); set by the training memory guard
         self.checkpoint_cells: int | None = None
+        #: the ``"shared_flip"`` mixers keep their intermediates for the backward pass instead
+        #: of recomputing them (same result, one forward pass fewer, more memory); set by the
+        #: training memory guard where a step fits comfortably
+        self.keep_activations = False
         self.layers = nn.ModuleList(
             BiMamba2Block(
                 d_model,
@@ -330,7 +337,8 @@ class BiMamba2Encoder(nn.Module):
         reverse = reverse_index(key_padding_mask, seq_idx, x.shape[:2], device=x.device)
         tokens_per_block = self.tokens_per_block if x.device.type == "cpu" else None
         recompute = self.checkpointing and self.training and torch.is_grad_enabled()
+        recompute_mixer = not self.keep_activations
         for layer in self.layers:
-            args = (x, reverse, key_padding_mask, seq_idx, tokens_per_block)
+            args = (x, reverse, key_padding_mask, seq_idx, tokens_per_block, recompute_mixer)
             x = checkpoint(layer, *args, use_reentrant=False) if recompute else layer(*args)
         return self.norm_f(x)

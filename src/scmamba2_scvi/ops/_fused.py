@@ -5,7 +5,8 @@ The autograd graph of a Mamba2 mixer holds every intermediate of the chunked sca
 token and both directions. :func:`bidirectional_blocks` instead runs the layer without a graph,
 keeps only its input and the small state carried from one sequence block to the next, and in the
 backward pass recomputes one block at a time (last to first), as mamba-ssm's fused kernels do on
-GPU. The result and the gradients are those of the plain computation.
+GPU. The result and the gradients are those of the plain computation. Where the intermediates
+fit, ``recompute=False`` keeps them instead and saves the second forward pass.
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ def bidirectional_blocks(
     *,
     tokens_per_block: int | None,
     context: int,
+    recompute: bool = True,
 ) -> torch.Tensor:
     """Mean of ``step`` over a sequence and its reversal, block by block, recomputed in backward.
 
@@ -138,6 +140,10 @@ def bidirectional_blocks(
         Tokens of the sequence per block (``None``: the whole sequence in one block).
     context
         Tokens before each block that ``step`` reads as context.
+    recompute
+        Keep only the input and the block states, and run ``step`` again in the backward pass;
+        ``False``: autograd keeps every intermediate of ``step`` (the same gradients, one
+        forward pass fewer, the memory of all intermediates).
 
     Returns
     -------
@@ -145,6 +151,7 @@ def bidirectional_blocks(
     direction's, flipped back to the original order.
     """
     spans = _spans(h.shape[1], tokens_per_block, context)
-    if torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in params)):
+    needs_grad = h.requires_grad or any(p.requires_grad for p in params)
+    if recompute and torch.is_grad_enabled() and needs_grad:
         return _Recompute.apply(step, spans, h, reverse, seq_idx, *params)
     return _run(step, h, reverse, seq_idx, spans, keep_states=False)[0]
