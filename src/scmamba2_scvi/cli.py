@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", action="store_true", help=verbose_help)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    def common(p, epochs: int, preset: bool = True):
+    def common(p, epochs: int, preset: bool = True, batch_size: int = 16):
         p.add_argument(
             "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help
         )
@@ -331,7 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
                 help="max tokens per cell; default: %(default)s",
             )
         p.add_argument("--epochs", type=_POSITIVE, default=epochs, help="default: %(default)s")
-        p.add_argument("--batch-size", type=_POSITIVE, default=64, help="default: %(default)s")
+        p.add_argument(
+            "--batch-size", type=_POSITIVE, default=batch_size, help="default: %(default)s"
+        )
         p.add_argument("--lr", type=_LR, default=1e-3, help="peak learning rate")
         p.add_argument("--accelerator", default="auto", choices=_ACCELERATORS)
 
@@ -340,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="annotate held-out pbmc68k_reduced cells (built-in data)",
         description=demo.__doc__,
     )
-    common(p, epochs=10)
+    common(p, epochs=5)
     p.add_argument("--out", default=DEFAULT_DEMO_OUT, help="output folder; default: ./%(default)s")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=demo)
@@ -378,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-log", action="store_true", help="log the cells of every batch")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    common(p, epochs=None)
+    common(p, epochs=None, batch_size=64)
     p.set_defaults(func=pretrain)
 
     p = sub.add_parser(
