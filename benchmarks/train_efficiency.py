@@ -9,6 +9,9 @@ memory is its own and both versions see the same machine load. Measured on pbmc3
   process held before it, per real (non-padding) token; training cells/s over a few steps; model
   FLOPs utilisation (three times the forward's FLOPs counted by ``torch.utils.flop_counter``, over
   the step time, over this machine's float32 and bfloat16 matmul rates measured in the same run);
+- ``train ... b16``: the same at ``train()``'s batch size, with the training memory guard before
+  each step as in training (it keeps the mixers' intermediates where a step is small), and
+  without it (recomputed);
 - ``embed``: ``get_latent_representation`` cells/s;
 - ``layer``: one bidirectional layer (d_model 256), forward + backward at 4,096 and 65,536 tokens;
 - ``full_cell``: the ``default`` preset trained on one 60,000-token cell (``mode="full"``);
@@ -164,8 +167,11 @@ def _train(p: dict) -> dict:
     batches = _train_batches(model, adata, order[: bs * (steps + 1)], bs)
     opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
     module.train()
+    guard = _guard() if p.get("guard") else None
 
     def step(batch):
+        if guard is not None:  # as the training plan does before each step
+            guard(module, batch)
         opt.zero_grad(set_to_none=True)
         loss = module(batch)[2].loss
         loss.backward()
@@ -197,6 +203,15 @@ def _train(p: dict) -> dict:
         "model_gflop_per_step": round(flops / 1e9, 2),
         "achieved_gflops": round(flops / step_s / 1e9, 2),
     }
+
+
+def _guard():
+    """The training memory guard of this checkout (``None`` in one that has none)."""
+    try:
+        from scmamba2_scvi.module._memory import guard_step
+    except ImportError:
+        return None
+    return guard_step
 
 
 def _embed(p: dict) -> dict:
@@ -322,6 +337,19 @@ def plan(quick: bool, data: str, compile_: bool) -> list[tuple[str, str, dict, b
         ("train default", "train", {"preset": "default", "batch_size": 16, "steps": 3}, True),
         ("train cpu-small", "train", {"preset": "cpu-small", "batch_size": 64, "steps": 3}, True),
         ("embed cpu-small", "embed", {"preset": "cpu-small", "n_cells": 256}, True),
+        # train()'s batch size, with the memory guard as in training (it may keep activations)
+        (
+            "train cpu-small b16",
+            "train",
+            {"preset": "cpu-small", "batch_size": 16, "steps": 6, "guard": True},
+            True,
+        ),
+        (
+            "train cpu-small b16 recompute",
+            "train",
+            {"preset": "cpu-small", "batch_size": 16, "steps": 6},
+            False,
+        ),
         ("layer 4096", "layer", {"length": 4096, "repeats": 2}, True),
         # the base needs ~10 GB here (encoder_scaling_cpu.md): this checkout only
         (f"layer {long}", "layer", {"length": long, "repeats": 1}, False),
@@ -367,6 +395,7 @@ def summarize(rows: dict) -> dict:
         ("train cpu-small", "cells_per_s"),
         ("train default", "cells_per_s"),
         ("embed cpu-small", "cells_per_s"),
+        ("train cpu-small b16", "cells_per_s"),
     ):
         before, after = get(name, "base", key), get(name, "current", key)
         if before and after:
@@ -401,6 +430,13 @@ def summarize(rows: dict) -> dict:
         if loss32 and loss16:
             out[f"current: {name} bf16 vs fp32 first loss, relative"] = round(
                 abs(loss16 - loss32) / abs(loss32), 5
+            )
+    for key in ("cells_per_s", "peak_mb"):
+        guarded = get("train cpu-small b16", "current", key)
+        recomputed = get("train cpu-small b16 recompute", "current", key)
+        if guarded and recomputed:
+            out[f"current: train cpu-small b16 guarded/recomputed {key}"] = round(
+                guarded / recomputed, 3
             )
     eager, comp = (
         get("layer 4096", "current", "time_s"),
