@@ -24,11 +24,13 @@ import torch
 # Peak over what the saved tensors alone predict: gradients of the activations, the transient
 # intermediates of the layer being recomputed, allocator slack. Checked by the training benchmark.
 _SAFETY = 2.0
-# Keeping the mixers' intermediates costs several times (about 10x) the memory of recomputing
-# them; it is chosen only for steps far below what is available, leaving the rest of the
-# machine (and the next, longer batch) room, so that long cells and large batches keep the lean
-# path.
+# Keeping the mixers' intermediates costs about 10x the memory of recomputing them and saves one
+# forward pass, which pays only while a step is small: its intermediates then stay in cache
+# (encoder forward+backward at cpu-small, 2 CPU cores: 1.33x faster at 4,000 tokens, 1.10x at
+# 14,400, none over a whole pbmc3k step; benchmarks/train_efficiency.py). So it is chosen only
+# for steps under a small cap and far below the memory available.
 _KEEP_FRACTION = 0.25
+_KEEP_CAP = 2**30
 
 
 def available_bytes(device: torch.device) -> int:
@@ -188,8 +190,8 @@ def batch_shape(tokens: dict[str, torch.Tensor]) -> tuple[int, int]:
 
 
 def keeps_activations(memory: StepMemory, n_cells: int, seqlen: int, budget: float) -> bool:
-    """Whether a step may keep the mixers' intermediates: a quarter of ``budget`` or less."""
-    return memory.peak(n_cells, seqlen, kept=True) <= _KEEP_FRACTION * budget
+    """Whether a step keeps the mixers' intermediates: a small step, a quarter of ``budget``."""
+    return memory.peak(n_cells, seqlen, kept=True) <= min(_KEEP_FRACTION * budget, _KEEP_CAP)
 
 
 def guard_step(module, tokens: dict[str, torch.Tensor], budget: float | None = None) -> int | None:
