@@ -97,7 +97,7 @@ def test_small_step_keeps_activations_with_the_same_loss_and_gradients(model_and
 
 
 def test_one_cell_too_large_names_the_fix():
-    memory = StepMemory(encoder=1e5, rest=1e4, encoder_input=1e3)
+    memory = StepMemory(encoder=1e5, rest=1e4, encoder_input=1e3, encoder_kept=1e6)
     with pytest.raises(MemoryError, match=r"`max_len`.*`preset`"):
         plan_groups(memory, 8, 1000, budget=1e6)
     assert plan_groups(memory, 8, 1000, budget=1e12) is None

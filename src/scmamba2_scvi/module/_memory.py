@@ -26,9 +26,10 @@ import torch
 _SAFETY = 2.0
 # Keeping the mixers' intermediates costs about 10x the memory of recomputing them and saves one
 # forward pass, which pays only while a step is small: its intermediates then stay in cache
-# (encoder forward+backward at cpu-small, 2 CPU cores: 1.33x faster at 4,000 tokens, 1.10x at
-# 14,400, none over a whole pbmc3k step; benchmarks/train_efficiency.py). So it is chosen only
-# for steps under a small cap and far below the memory available.
+# (encoder forward+backward at cpu-small, 2 CPU cores, both timed in one process: 1.33x faster
+# at 4,000 tokens, 1.10x at 14,400; no gain over whole pbmc3k steps of 14,000 tokens in
+# benchmarks/train_efficiency.py). So it is chosen only for steps under a small cap and far
+# below the memory available.
 _KEEP_FRACTION = 0.25
 _KEEP_CAP = 2**30
 
@@ -55,7 +56,7 @@ class StepMemory:
     encoder: float
     rest: float
     encoder_input: float
-    encoder_kept: float = 0.0
+    encoder_kept: float
 
     def peak(
         self, n_cells: int, seqlen: int, group: int | None = None, *, kept: bool = False
