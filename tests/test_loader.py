@@ -1,8 +1,6 @@
 """Tokenization in the loader: collate vs Tokenizer, batching, workers, strict keywords, queries."""
 
-import importlib.util
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,23 +8,10 @@ import scvi
 import torch
 from scvi import REGISTRY_KEYS
 
+from helpers import FAST, TINY, query, synthetic
 from scmamba2_scvi import SCMamba2
 from scmamba2_scvi.data import LengthBatchSampler, TokenDataLoader, Tokenizer
 from scmamba2_scvi.model import build_module
-
-# the model tests' synthetic data and tiny sizes (pytest imports test files by path)
-_spec = importlib.util.spec_from_file_location(
-    "_model_tests", Path(__file__).with_name("test_model.py")
-)
-_model_tests = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_model_tests)
-FAST, TINY, _query, synthetic = (
-    _model_tests.FAST,
-    _model_tests.TINY,
-    _model_tests._query,
-    _model_tests.synthetic,
-)
-
 
 pytestmark = pytest.mark.usefixtures("quiet")  # warnings off (conftest)
 
@@ -158,7 +143,7 @@ def test_progress_bar_follows_the_argument_and_verbosity(untrained, capsys):
 
 def test_query_categories_unknown_to_the_reference_read_as_unknown(untrained):
     adata, model = untrained
-    q = _query(adata, list(adata.var_names))
+    q = query(adata, list(adata.var_names))
     q.obs["cell_type"] = q.obs["cell_type"].cat.add_categories(["type9"])
     q.obs.iloc[:5, q.obs.columns.get_loc("cell_type")] = "type9"
     q.obs["batch"] = q.obs["batch"].cat.add_categories(["c"])

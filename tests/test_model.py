@@ -2,52 +2,16 @@
 
 import warnings
 
-import anndata as ad
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from scipy import sparse
 
+from helpers import FAST, TINY, query, synthetic
 from scmamba2_scvi import SCMamba2
 from scmamba2_scvi.datasets import pbmc68k_counts
 
-TINY = {
-    "preset": "cpu-small",
-    "d_model": 32,
-    "n_layers": 1,
-    "d_state": 8,
-    "head_dim": 16,
-    "max_len": 64,
-    "dropout": 0.0,
-}
-FAST = {"accelerator": "cpu", "enable_progress_bar": False}
-
-
 pytestmark = pytest.mark.usefixtures("quiet")  # warnings off (conftest)
-
-
-def synthetic(n_cells=240, n_genes=60, n_types=3, seed=0, symbols=True):
-    """Cell types with disjoint marker genes; counts are Poisson, markers 8x higher."""
-    rng = np.random.default_rng(seed)
-    labels = np.repeat(np.arange(n_types), n_cells // n_types)
-    rate = np.full((n_cells, n_genes), 0.6)
-    per = n_genes // (2 * n_types)
-    for t in range(n_types):
-        rate[labels == t, t * per : (t + 1) * per] = 5.0
-    counts = rng.poisson(rate).astype(np.float32)
-    counts[counts.sum(1) == 0, 0] = 1
-    ens = [f"ENSG{i:011d}" for i in range(n_genes)]
-    sym = [f"GENE{i}" for i in range(n_genes)]
-    var = pd.DataFrame({"gene_symbol": sym, "gene_id": ens}, index=sym if symbols else ens)
-    obs = pd.DataFrame(
-        {
-            "cell_type": pd.Categorical([f"type{t}" for t in labels]),
-            "batch": pd.Categorical(rng.choice(["a", "b"], n_cells)),
-        },
-        index=[f"cell{i}" for i in range(n_cells)],
-    )
-    return ad.AnnData(sparse.csr_matrix(counts), obs=obs, var=var)
 
 
 @pytest.fixture(scope="module")
@@ -187,25 +151,17 @@ def test_save_load_identical_embeddings(trained, tmp_path):
 
 
 # ---------------------------------------------------------------- transfer learning
-def _query(adata, genes):
-    q = adata[:, genes].copy()
-    for key in ("_scvi_batch", "_scvi_labels"):
-        q.obs.pop(key)
-    q.uns.clear()
-    return q
-
-
 def test_transfer_gene_subset_and_permutation(trained, tmp_path):
     adata, model = trained
     rng = np.random.default_rng(1)
     full = model.get_latent_representation()
-    perm = _query(adata, list(adata.var_names[rng.permutation(adata.n_vars)]))
+    perm = query(adata, list(adata.var_names[rng.permutation(adata.n_vars)]))
     q = SCMamba2.load_query_data(perm, model)
     # the same genes in another order give the same embedding (vocabulary order is used)
     np.testing.assert_allclose(q.get_latent_representation(), full, atol=1e-5)
     assert q.gene_report_.matched_fraction == 1.0
     # a subset maps (coverage < 1) and still embeds
-    sub = _query(adata, list(adata.var_names[:45]))
+    sub = query(adata, list(adata.var_names[:45]))
     model.save(tmp_path / "ref", save_anndata=False)
     q2 = SCMamba2.load_query_data(sub, tmp_path / "ref")
     assert q2.get_latent_representation().shape == (adata.n_obs, 32)
@@ -215,7 +171,7 @@ def test_transfer_gene_subset_and_permutation(trained, tmp_path):
 
 def test_transfer_symbols_vs_ensembl_ids(trained):
     adata, model = trained
-    q = _query(adata, list(adata.var_names))
+    q = query(adata, list(adata.var_names))
     q.var_names = q.var["gene_id"].to_numpy()  # query keyed by Ensembl IDs (with versions)
     q.var_names = [f"{g}.3" for g in q.var_names]
     q.var = q.var.drop(columns=["gene_symbol"])
@@ -228,7 +184,7 @@ def test_transfer_symbols_vs_ensembl_ids(trained):
 
 def test_transfer_too_little_overlap_errors(trained):
     adata, model = trained
-    q = _query(adata, list(adata.var_names[:10]))
+    q = query(adata, list(adata.var_names[:10]))
     q.var_names = [f"UNRELATED{i}" for i in range(10)]
     q.var = q.var.drop(columns=["gene_symbol", "gene_id"])
     with pytest.raises(ValueError, match="match"):
@@ -237,7 +193,7 @@ def test_transfer_too_little_overlap_errors(trained):
 
 def test_get_latent_on_other_adata_without_setup(trained):
     adata, model = trained
-    other = _query(adata, list(adata.var_names[::-1]))
+    other = query(adata, list(adata.var_names[::-1]))
     np.testing.assert_allclose(
         model.get_latent_representation(other), model.get_latent_representation(), atol=1e-5
     )
@@ -245,7 +201,7 @@ def test_get_latent_on_other_adata_without_setup(trained):
 
 def test_finetune_after_transfer_keeps_label_space(trained):
     adata, model = trained
-    q = _query(adata, list(adata.var_names[:50]))
+    q = query(adata, list(adata.var_names[:50]))
     qm = SCMamba2.load_query_data(q, model)
     qm.train(max_steps=2, batch_size=64, **FAST)
     assert qm.label_categories == model.label_categories

@@ -1,19 +1,14 @@
 """Training memory guard: a batch over budget is split in the encoder, with the same result."""
 
-import importlib.util
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import FAST, TINY, synthetic
 from scmamba2_scvi import SCMamba2
 from scmamba2_scvi.data import TokenDataLoader
 from scmamba2_scvi.module._memory import StepMemory, batch_shape, guard_step, plan_groups
-
-_spec = importlib.util.spec_from_file_location("tm", Path(__file__).with_name("test_model.py"))
-_tm = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_tm)
 
 
 def _batch(model, adata, packed: bool) -> dict:
@@ -28,12 +23,12 @@ def _batch(model, adata, packed: bool) -> dict:
 @pytest.fixture(scope="module")
 def model_and_batch():
     torch.manual_seed(0)
-    adata = _tm.synthetic(n_cells=24)
+    adata = synthetic(n_cells=24)
     SCMamba2.setup_anndata(adata, labels_key="cell_type", batch_key="batch")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # DSBN (on by default with two batches) needs padded batches; both layouts are tested
-        model = SCMamba2(adata, dsbn=False, **_tm.TINY)
+        model = SCMamba2(adata, dsbn=False, **TINY)
         batches = {packed: _batch(model, adata, packed) for packed in (False, True)}
     model.module.train()
     return model, batches
@@ -107,4 +102,4 @@ def test_one_cell_too_large_names_the_fix():
 def test_training_step_raises_the_guard_error(model_and_batch):
     model = model_and_batch[0]
     with pytest.raises(MemoryError, match="max_len"):
-        model.train(max_epochs=1, batch_size=12, plan_kwargs={"memory_budget": 1e3}, **_tm.FAST)
+        model.train(max_epochs=1, batch_size=12, plan_kwargs={"memory_budget": 1e3}, **FAST)

@@ -307,3 +307,36 @@ def test_state_dicts_saved_before_the_new_entries_still_load():
     del old[next(k for k in old if k.startswith("encoder."))]  # a truly missing entry fails
     with pytest.raises(RuntimeError, match="Missing key"):
         module.load_state_dict(old)
+
+
+# ---------------------------------------------------------------- depth out of the embedding
+def test_depth_share_is_the_depth_pcr_of_the_embedding():
+    from scmamba2_scvi.metrics import pcr
+    from scmamba2_scvi.module._module import depth_share
+
+    rng = np.random.default_rng(0)
+    depth = rng.normal(size=40)
+    z = rng.normal(size=(40, 6)) + np.outer(depth, [2.0, 0, 0, -1, 0, 0.5])
+    got = float(depth_share(torch.tensor(z), torch.tensor(depth)))
+    assert got == pytest.approx(pcr(z, depth), rel=1e-9)
+    assert 0.3 < got < 0.9
+    exact = np.outer(depth, [1.0, -3.0]) + 5.0
+    assert float(depth_share(torch.tensor(exact), torch.tensor(depth))) == pytest.approx(1.0)
+
+
+def test_depth_weight_adds_the_depth_share_and_trains_the_encoder():
+    from scmamba2_scvi.module._module import depth_share
+
+    n_vocab, padded, _ = tokens_for()
+    torch.manual_seed(0)
+    module = SCMamba2Module(n_vocab, **TINY)
+    with torch.random.fork_rng():
+        inf, _, plain = module.forward(padded, loss_kwargs={})
+    _, _, with_depth = module.forward(padded, loss_kwargs={"depth_weight": 3.0})
+    share = depth_share(inf["z"], padded["log_library"])
+    assert "depth" not in plain.extra_metrics
+    torch.testing.assert_close(with_depth.extra_metrics["depth"], share.detach())
+    torch.testing.assert_close(with_depth.loss, plain.loss + 3.0 * share)
+    enc = [n for n, _ in module.named_parameters() if n.startswith("encoder.")]
+    g = grads(module, enc, with_depth.loss - plain.loss)
+    assert sum(float(g[n].abs().sum()) for n in enc) > 0

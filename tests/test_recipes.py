@@ -1,8 +1,5 @@
 """Task recipes: the plan's pure pieces against independent computations, then the defaults."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -10,6 +7,7 @@ from lightning.pytorch.callbacks import Callback
 from scvi import REGISTRY_KEYS
 from sklearn.metrics import f1_score
 
+from helpers import FAST, TINY, synthetic
 from scmamba2_scvi import SCMamba2
 from scmamba2_scvi.model import _trainingplan
 from scmamba2_scvi.model._trainingplan import (
@@ -23,14 +21,6 @@ from scmamba2_scvi.model._trainingplan import (
 from scmamba2_scvi.module import SCMamba2Module
 
 pytestmark = pytest.mark.usefixtures("quiet")  # warnings off (conftest)
-
-# the model tests' synthetic data and tiny sizes (pytest imports test files by path)
-_spec = importlib.util.spec_from_file_location(
-    "_model_tests", Path(__file__).with_name("test_model.py")
-)
-_model_tests = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_model_tests)
-FAST, TINY, synthetic = _model_tests.FAST, _model_tests.TINY, _model_tests.synthetic
 
 
 # ---------------------------------------------------------------- pure functions

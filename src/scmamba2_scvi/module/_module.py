@@ -69,6 +69,19 @@ def _fill_new_entries(module, state_dict, prefix, *args) -> None:
             state_dict[prefix + name] = value.detach().clone()
 
 
+def depth_share(z: torch.Tensor, log_library: torch.Tensor) -> torch.Tensor:
+    """Share of the variance of ``z`` ``(cells, dims)`` explained linearly by ``log_library``.
+
+    The R² of the least-squares regression of every dimension on ``log_library`` ``(cells,)``,
+    pooled over dimensions by their variance: the quantity scib's principal component
+    regression measures with all components. 0 when fewer than two cells.
+    """
+    zc = z - z.mean(0)
+    lc = (log_library - log_library.mean()).to(z.dtype)
+    explained = (lc @ zc).pow(2).sum() / lc.pow(2).sum().clamp(min=1e-8)
+    return explained / zc.pow(2).sum().clamp(min=1e-8)
+
+
 def _pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a, b = a - a.mean(), b - b.mean()
     return (a * b).sum() / (a.norm() * b.norm()).clamp(min=1e-8)
@@ -386,6 +399,7 @@ class SCMamba2Module(BaseModuleClass):
         ecs_weight: float = 0.0,
         ecs_threshold: float = 0.6,
         zero_weight: float = 1.0,
+        depth_weight: float = 0.0,
         label_weights: torch.Tensor | None = None,
     ) -> LossOutput:
         """Weighted sum of the objectives; each weight can be set through ``plan_kwargs``.
@@ -418,6 +432,12 @@ class SCMamba2Module(BaseModuleClass):
             the tokens, each weighted by the share of the cell's genes it stands for (so the
             probability is calibrated, not that of the sample's mix). Computed when the batch
             holds a zero target (without one it could only learn "always expressed").
+        depth_weight
+            Sequencing depth out of the cell embedding: the share of the minibatch embeddings'
+            variance explained linearly by the cells' log library size (:func:`depth_share`),
+            which the encoder lowers. A token model sees more genes in a deeper cell, so its
+            mean-pooled embedding drifts with depth unless told otherwise; the decoders read
+            the library size themselves (``library_decoder``).
         label_weights
             ``(n_labels,)`` weight of each class in the classifier's cross-entropy (e.g.
             inverse class frequencies for class balance); ``None``: equal weights.
@@ -426,7 +446,7 @@ class SCMamba2Module(BaseModuleClass):
         -------
         :class:`~scvi.module.base.LossOutput` with per-term values in ``extra_metrics``
         (``gep``, ``gepc``, ``masked_pearson``, and ``gepc_zero``, ``cls``/``accuracy``, ``dar``
-        (discriminator cross-entropy)/``dar_confusion``, ``ecs`` when computed).
+        (discriminator cross-entropy)/``dar_confusion``, ``ecs``, ``depth`` when computed).
         """
         targets, masked = inference_outputs["targets"], inference_outputs["masked"]
         z = inference_outputs["z"]
@@ -481,6 +501,11 @@ class SCMamba2Module(BaseModuleClass):
                     total = total + dar_weight * confusion
                 extra["dar"] = dar.detach()
                 extra["dar_confusion"] = confusion.detach()
+        log_library = inference_outputs.get("log_library")
+        if depth_weight > 0 and log_library is not None and z.shape[0] > 2:
+            depth = depth_share(z.float(), log_library.reshape(-1).float())
+            total = total + depth_weight * depth
+            extra["depth"] = depth.detach()
         if ecs_weight > 0 and z.shape[0] > 1:
             zn = F.normalize(z, dim=-1)
             cos = (zn @ zn.T).masked_fill(
