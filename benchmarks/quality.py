@@ -23,19 +23,20 @@ Depth check (trajectory, reconstruction: models without labels): ``pcr_counts`` 
 ``pcr_genes``, the share of each embedding's variance explained by log total counts and log genes
 per cell (:func:`scmamba2_scvi.metrics.pcr`; lower is better, PCA is the reference).
 
-``--ablations`` adds SCMamba2 rows with one task recipe turned off (a row notes when this version
-has no such option); ``--transfer`` adds SCMamba2 pretrained (``scmamba2_scvi.model.pretrain``)
-on the other datasets of ../shared/data plus scanpy's pbmc68k_reduced, never the evaluated one,
-then fine-tuned with the same epochs as the from-scratch row (pretrained models are cached in
-``benchmarks/.cache``). The Markdown starts with SCMamba2 against the best baseline of the same
-run (target met when at or above it), beside the previous results file (``--before``).
+``--ablations`` adds SCMamba2 rows with one task recipe turned off, or ``depth_weight`` on (a row
+notes when this version has no such option); ``--transfer`` adds SCMamba2 pretrained
+(``scmamba2_scvi.model.pretrain``) on the other datasets of ../shared/data plus scanpy's
+pbmc68k_reduced, never the evaluated one, then fine-tuned with the same epochs as the
+from-scratch row (pretrained models are cached in ``benchmarks/.cache``). The Markdown starts
+with SCMamba2 against the best baseline of the same run (target met when at or above it),
+beside the previous results file (``--before``).
 
 Writes ``OUT/quality_cpu.json`` and ``.md`` (``quality_cpu_quick.*`` with ``--quick``) after
 each task. A run can be split by tasks: ``--merge`` keeps the other tasks of OUT's file and its
 "before". Usage (times on 2 cores)::
 
     python benchmarks/quality.py                       # 4 tasks, ~45 min
-    python benchmarks/quality.py --ablations --transfer  # + 11 ablated models, 4 pretrainings
+    python benchmarks/quality.py --ablations --transfer  # + 13 ablated models, 4 pretrainings
                                                        # and 4 fine-tunings: ~4 h in all
     python benchmarks/quality.py --tasks integration --ablations --transfer --merge  # one part
     python benchmarks/quality.py --tasks annotation,trajectory --epochs trajectory=6
@@ -240,7 +241,7 @@ def train_scvi(adata, epochs: int, batch_key: str | None = None):
     return model, time.perf_counter() - t0
 
 
-# One recipe turned off per row: (options of the constructor, options of the training plan).
+# One recipe changed per row: (options of the constructor, options of the training plan).
 ABLATIONS = {
     "annotation": [({}, {"class_balance": False}), ({}, {"keep_best": False})],
     "integration": [
@@ -248,8 +249,10 @@ ABLATIONS = {
         ({"batch_decoder": False}, {}),
         ({"dsbn": False}, {}),
         ({}, {"ecs_weight": 0.0}),
+        ({}, {"depth_weight": 1.0}),
     ],
-    "trajectory": [({"library_decoder": False}, {})],
+    # depth_weight is off by default; these rows turn it on (depth out of the embedding)
+    "trajectory": [({"library_decoder": False}, {}), ({}, {"depth_weight": 1.0})],
     "reconstruction": [
         ({}, {"zero_weight": 0.0}),
         ({"zero_genes": 0}, {}),
@@ -870,7 +873,7 @@ def parse(argv) -> argparse.Namespace:
     )
     add("--epochs", type=epochs_arg, default={}, help=f"N or task=N,...; default {FULL_EPOCHS}")
     add("--scvi-epochs", type=int, default=None, help=f"scVI epochs (default {Config.scvi_epochs})")
-    add("--ablations", action="store_true", help="rows with one task recipe off (~10 min each)")
+    add("--ablations", action="store_true", help="rows with one task recipe changed (~10 min each)")
     add("--transfer", action="store_true", help="pretrained + fine-tuned rows")
     add(
         "--pretrain-steps",

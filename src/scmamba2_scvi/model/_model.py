@@ -617,8 +617,10 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
             :class:`~scmamba2_scvi.model.SCMamba2TrainingPlan` arguments: ``lr``,
             ``weight_decay``, ``warmup_ratio``, the recipe switches ``class_balance``,
             ``keep_best``, ``calibrate``, ``dar_warmup``, and the loss weights ``gep_weight``,
-            ``gepc_weight``, ``zero_weight``, ``cls_weight``, ``dar_weight``, ``ecs_weight``. They
-            override the task recipes (see Notes).
+            ``gepc_weight``, ``zero_weight``, ``cls_weight``, ``dar_weight``, ``ecs_weight``,
+            ``depth_weight`` (off by default, see
+            :meth:`~scmamba2_scvi.module.SCMamba2Module.loss`). They override the task recipes
+            (see Notes).
         datasplitter_kwargs
             Passed to scvi-tools' ``DataSplitter`` and to the
             :class:`~scmamba2_scvi.data.TokenDataLoader` (e.g. ``num_workers``: minibatches are
