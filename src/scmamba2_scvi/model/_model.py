@@ -6,7 +6,7 @@ import copy
 import inspect
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -738,12 +738,13 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         progress_bar: bool | None,
         desc: str,
         min_gene_fraction: float | None = None,
-        decoder_offset: bool = False,
+        head: Callable[[torch.Tensor, dict], torch.Tensor | None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Cell embeddings and classifier logits of ``adata``'s cells, in ``indices`` order.
+        """Cell embeddings of ``adata``'s cells, in ``indices`` order, and what ``head`` gives.
 
-        With ``decoder_offset``, the second output is instead the cells' decoder covariates
-        (``(n_cells, d_model)`` offset of the decoders' input; ``None`` without covariates).
+        ``head(z, batch)`` is called on each minibatch's embeddings and tensors (e.g. the
+        classifier's logits); the second output is its rows concatenated, or ``None`` without
+        a head or when it returns ``None``.
         """
         _check_count_arg("batch_size", batch_size)
         self._check_if_trained(warn=True)
@@ -761,7 +762,7 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         )
         if progress_bar is None:
             progress_bar = len(loader) > 1 and settings.verbosity <= logging.INFO
-        zs, logits, positions = [], [], []
+        zs, extra, positions = [], [], []
         use_bf16 = self.device.type == "cuda"
         bar = track(
             loader, description=desc, disable=not progress_bar, style=settings.progress_bar_style
@@ -772,16 +773,11 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
                 z = self.module.inference(**self.module._get_inference_input(batch))["z"].float()
                 zs.append(z.cpu())
-                if decoder_offset:
-                    offset = self.module.covariates(
-                        len(z), batch.get(REGISTRY_KEYS.BATCH_KEY), batch.get("log_library")
-                    )
-                    if offset is not None:
-                        logits.append(offset.float().cpu())
-                elif self.module.classifier is not None:
-                    logits.append(self.module.classifier(z).float().cpu())
+                out = None if head is None else head(z, batch)
+                if out is not None:
+                    extra.append(out.float().cpu())
         back = torch.argsort(torch.cat(positions))  # to the order of `indices`
-        return torch.cat(zs)[back], (torch.cat(logits)[back] if logits else None)
+        return torch.cat(zs)[back], (torch.cat(extra)[back] if extra else None)
 
     def get_latent_representation(
         self,
@@ -859,7 +855,14 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
             )
         adata_ = self.adata if adata is None else adata
         _, logits = self._embed(
-            adata, indices, batch_size, token_budget, progress_bar, "predicting", min_gene_fraction
+            adata,
+            indices,
+            batch_size,
+            token_budget,
+            progress_bar,
+            "predicting",
+            min_gene_fraction,
+            head=lambda z, _: self.module.classifier(z),
         )
         probs = torch.softmax(logits / self.module.logit_temperature.float().cpu(), -1).numpy()
         if soft:
@@ -933,7 +936,10 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
             progress_bar,
             "reconstructing",
             min_gene_fraction,
-            decoder_offset=True,
+            # the decoders' input offset of each cell (batch, library size)
+            head=lambda z, batch: self.module.covariates(
+                len(z), batch.get(REGISTRY_KEYS.BATCH_KEY), batch.get("log_library")
+            ),
         )
         with torch.inference_mode():
             pred = (
