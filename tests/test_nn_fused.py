@@ -144,3 +144,16 @@ def test_backward_recomputes_under_the_forward_autocast():
 
     for a, r in zip(run(True), run(False), strict=True):
         torch.testing.assert_close(a, r, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape", [(1, 50, 8), (3, 20, 4), (2, 12, 3, 5)])
+def test_gather_rows_is_torch_gather(shape):
+    from scmamba2_scvi.ops._fused import gather_rows
+
+    x = torch.randn(shape)
+    b, length = shape[:2]
+    index = torch.stack([torch.randperm(length)[: length - 3] for _ in range(b)])
+    expanded = index.view(b, -1, *([1] * (x.dim() - 2))).expand(b, index.shape[1], *shape[2:])
+    torch.testing.assert_close(gather_rows(x, index), x.gather(1, expanded), rtol=0, atol=0)
+    strided = x.transpose(0, 1).contiguous().transpose(0, 1)  # not contiguous
+    torch.testing.assert_close(gather_rows(strided, index), x.gather(1, expanded), rtol=0, atol=0)

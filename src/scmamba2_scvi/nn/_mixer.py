@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scmamba2_scvi.ops import depthwise_conv1d, segment_ids, ssd_scan
+from scmamba2_scvi.ops._fused import gather_rows
 from scmamba2_scvi.ops._ssd import Backend
 
 
@@ -311,8 +312,7 @@ def flip(x: torch.Tensor, reverse: torch.Tensor) -> torch.Tensor:
     With a :func:`reverse_index` this reverses each sequence's real tokens; with a slice of one,
     it reads a block of the reversed sequence.
     """
-    index = reverse.view(*reverse.shape, *([1] * (x.dim() - 2)))
-    return x.gather(1, index.expand(*reverse.shape, *x.shape[2:]))
+    return gather_rows(x, reverse)
 
 
 def reverse_index(

@@ -21,8 +21,16 @@ Step = Callable[
 ]
 
 
-def _gather(h: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    return h.gather(1, index[..., None].expand(*index.shape, h.shape[-1]))
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``out[i, j] = x[i, index[i, j]]``; ``x`` ``(batch, length, ...)``, ``index`` ``(batch, m)``.
+
+    One ``index_select`` over the flattened rows, which copies whole feature vectors: on CPU
+    several times faster than ``torch.gather`` with the index expanded to every feature.
+    """
+    b, length = x.shape[:2]
+    flat = index if b == 1 else index + torch.arange(b, device=index.device)[:, None] * length
+    rows = x.reshape(b * length, *x.shape[2:]).index_select(0, flat.reshape(-1))
+    return rows.view(*index.shape, *x.shape[2:])
 
 
 def _spans(length: int, tokens_per_block: int | None, context: int):
@@ -32,7 +40,7 @@ def _spans(length: int, tokens_per_block: int | None, context: int):
 
 
 def _block_input(h, reverse, seqs, lo, end):
-    h2 = torch.cat([h[:, lo:end], _gather(h, reverse[:, lo:end])], 0)
+    h2 = torch.cat([h[:, lo:end], gather_rows(h, reverse[:, lo:end])], 0)
     return h2, None if seqs is None else seqs[:, lo:end]
 
 
@@ -50,7 +58,7 @@ def _run(step, h, reverse, seq_idx, spans, keep_states):
             fwd = y2.new_empty(b, h.shape[1], *y2.shape[2:])
             bwd = torch.empty_like(fwd)
         fwd[:, start:end], bwd[:, start:end] = y2[:b], y2[b:]
-    return fwd.add_(_gather(bwd, reverse)).mul_(0.5), states
+    return fwd.add_(gather_rows(bwd, reverse)).mul_(0.5), states
 
 
 class _Recompute(torch.autograd.Function):
@@ -82,7 +90,8 @@ class _Recompute(torch.autograd.Function):
                 if state is not None:
                     state = state.detach().requires_grad_()
                 y2, state_out = ctx.step(h2, idx2, start - lo, state)
-                g2 = torch.cat([grad_out[:, start:end], _gather(grad_out, reverse[:, start:end])])
+                g_bwd = gather_rows(grad_out, reverse[:, start:end])
+                g2 = torch.cat([grad_out[:, start:end], g_bwd])
                 outputs, grads = [y2], [0.5 * g2]
                 if grad_state is not None:
                     outputs.append(state_out)
