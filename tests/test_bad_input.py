@@ -20,21 +20,14 @@ import pytest
 import torch
 from scipy import sparse
 
+import helpers
+from helpers import FAST
 from scmamba2_scvi import SCMamba2, tl
 from scmamba2_scvi.data import GeneVocab
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 N_GENES = 200
-TINY = {
-    "preset": "cpu-small",
-    "d_model": 32,
-    "n_layers": 1,
-    "d_state": 8,
-    "head_dim": 16,
-    "max_len": 32,
-    "dropout": 0.0,
-}
-FAST = {"accelerator": "cpu", "enable_progress_bar": False}
+TINY = {**helpers.TINY, "max_len": 32}
 
 
 def make_data(n_cells=90, n_genes=N_GENES, seed=0):
