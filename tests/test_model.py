@@ -241,3 +241,67 @@ def test_precision_bf16_embeddings_close_to_fp32(trained):
     assert rel < 3e-2
     with pytest.raises(ValueError, match="precision must be"):
         SCMamba2(adata, **{**TINY, "precision": "fp16"})
+
+
+# ---------------------------------------------------------------- gene embeddings from PCA
+def test_init_gene_embedding_writes_scaled_vectors_and_leaves_other_rows():
+    adata = synthetic()
+    SCMamba2.setup_anndata(adata)
+    module = SCMamba2(adata, **TINY).module
+    before = module.gene_embedding.weight.detach().clone()
+    tokens = torch.tensor([5, 7, 9])
+    vectors = torch.tensor([[3.0, 0.0], [0.0, 4.0], [1.0, 1.0]])
+    module.init_gene_embedding(tokens, vectors, noise=0.0)
+    after = module.gene_embedding.weight.detach()
+    rms = vectors.pow(2).mean().sqrt()
+    torch.testing.assert_close(after[tokens, :2], vectors / rms)
+    assert after[tokens, 2:].abs().max() == 0
+    others = torch.ones(len(after), dtype=torch.bool)
+    others[tokens] = False
+    torch.testing.assert_close(after[others], before[others])
+    with pytest.raises(ValueError, match="vectors"):
+        module.init_gene_embedding(tokens, torch.ones(3, 33))
+
+
+def _spy_gene_init(model, monkeypatch):
+    calls = []
+    original = model.module.init_gene_embedding
+    monkeypatch.setattr(
+        model.module, "init_gene_embedding", lambda *a, **k: calls.append(a) or original(*a, **k)
+    )
+    return calls
+
+
+def test_new_model_starts_from_its_data_principal_components(monkeypatch):
+    from scmamba2_scvi.data import gene_loadings
+
+    adata = synthetic()
+    adata.layers["counts"] = adata.X.copy()
+    adata.X = sparse.csr_matrix(adata.shape, dtype=np.float32)  # the layer is what counts
+    SCMamba2.setup_anndata(adata, layer="counts", labels_key="cell_type")
+    model = SCMamba2(adata, **TINY)
+    calls = _spy_gene_init(model, monkeypatch)
+    model.train(max_steps=1, **FAST)
+    ((tokens, loadings),) = calls
+    expected = gene_loadings(adata.layers["counts"], 32, seed=0)
+    np.testing.assert_allclose(loadings.numpy(), expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(tokens.numpy(), [model.vocab[g] for g in adata.var["gene_id"]])
+    assert adata.X.nnz == 0  # adata untouched
+    model.train(max_steps=1, **FAST)  # trained now: the weights stay
+    assert len(calls) == 1
+
+
+def test_loaded_queried_or_random_models_keep_their_weights(trained, tmp_path, monkeypatch):
+    adata, model = trained
+    model.save(tmp_path / "m", save_anndata=False)
+    loaded = SCMamba2.load(tmp_path / "m", adata=adata)
+    q = SCMamba2.load_query_data(query(adata, list(adata.var_names)), model)
+    fresh = synthetic()
+    SCMamba2.setup_anndata(fresh)
+    random = SCMamba2(fresh, gene_init="random", **TINY)
+    for m in (loaded, q, random):
+        calls = _spy_gene_init(m, monkeypatch)
+        m.train(max_steps=1, **FAST)
+        assert calls == []
+    with pytest.raises(ValueError, match="gene_init must be 'pca' or 'random'"):
+        SCMamba2(fresh, gene_init="gene2vec", **TINY)

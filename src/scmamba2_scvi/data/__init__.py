@@ -3,6 +3,7 @@
 from ._binning import VALUE_TRANSFORMS, check_counts, quantile_bin, transform_values
 from ._corpus import AnnDataCorpus, CellCorpus, H5adShardCorpus, SomaCorpus, shard_info
 from ._loader import LengthBatchSampler, TokenCollate, TokenDataLoader, TokenDataSplitter
+from ._pca import gene_loadings
 from ._stream import TokenStream
 from ._tokenize import (
     GENE_ORDERS,
@@ -34,6 +35,7 @@ __all__ = [
     "TokenStream",
     "Tokenizer",
     "check_counts",
+    "gene_loadings",
     "quantile_bin",
     "shard_info",
     "split_by_token_budget",

@@ -28,6 +28,7 @@ from scmamba2_scvi.data import (
     TokenDataSplitter,
     Tokenizer,
     check_counts,
+    gene_loadings,
 )
 from scmamba2_scvi.module import SCMamba2Module
 
@@ -313,6 +314,14 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
     zero_genes
         Non-expressed genes drawn per cell in training, the negatives of GEPC's zero
         probability (0: none).
+    gene_init
+        ``"pca"``: when a new model first trains, the embeddings of ``adata``'s genes start as
+        their loadings on the top ``d_model`` principal components of ``adata``'s ``log1p``
+        counts per 10,000 (:func:`~scmamba2_scvi.data.gene_loadings`; at most 10,000 cells),
+        so the model starts from the genes' co-expression instead of learning it from random
+        vectors (scBERT starts its gene embeddings from gene2vec the same way, from public
+        data). ``"random"``: ``N(0, 1)``. A model given trained weights (:meth:`load`,
+        :meth:`load_query_data`, :meth:`from_pretrained`) keeps them.
     mode, max_len, gene_order, subsample, value_transform
         How a cell becomes a sequence, see :class:`~scmamba2_scvi.data.Tokenizer`. Default:
         expressed genes in vocabulary order, at most 2,048 tokens, quantile-binned values.
@@ -368,6 +377,7 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         batch_decoder: bool = True,
         library_decoder: bool = True,
         zero_genes: int = 64,
+        gene_init: Literal["pca", "random"] = "pca",
         mode: Literal["expressed", "full", "genes"] = "expressed",
         max_len: int | None = 2048,
         gene_order: Literal["vocab", "genomic", "expression", "random"] = "vocab",
@@ -413,6 +423,9 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
             "check_counts": setup.get("check_counts", True),
         }
         self.min_gene_fraction = min_gene_fraction
+        if gene_init not in ("pca", "random"):
+            raise ValueError(f"gene_init must be 'pca' or 'random'; got {gene_init!r}.")
+        self.gene_init = gene_init
         _, self.gene_report_ = self._gene_tokens(adata, report=True)
 
         arguments = locals()
@@ -675,6 +688,8 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
             "token_budget": token_budget,
             **(datasplitter_kwargs or {}),
         }
+        if self.gene_init == "pca" and not self.is_trained_ and self.history_ is None:
+            self._init_gene_embedding()
         if self.history_ is None:  # weights given by load_query_data: the history starts here
             self.is_trained_ = False
         was_trained = self.is_trained_
@@ -693,6 +708,18 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         )
         self._mark_trained(was_trained)
         return result
+
+    def _init_gene_embedding(self) -> None:
+        """Gene embeddings from the training data's principal components (``gene_init``)."""
+        setup = self.adata_manager.registry["setup_args"]
+        tokens, _ = self._gene_tokens(self.adata)
+        columns = np.flatnonzero(tokens >= 0)
+        X = _matrix(self.adata, setup.get("layer"))
+        loadings = gene_loadings(X, self.module.d_model, genes=columns, seed=settings.seed or 0)
+        self.module.init_gene_embedding(
+            torch.as_tensor(tokens[columns]), torch.from_numpy(loadings)
+        )
+        logger.info("Gene embeddings start from %d principal components.", loadings.shape[1])
 
     def _mark_trained(self, was_trained: bool) -> None:
         """``is_trained_`` only for a model that took an optimizer step (now or before)."""

@@ -583,6 +583,36 @@ class SCMamba2Module(BaseModuleClass):
         return pred.expand(n_samples, *pred.shape)
 
     # ------------------------------------------------------------------ model-side helpers
+    @torch.no_grad()
+    def init_gene_embedding(
+        self, tokens: torch.Tensor, vectors: torch.Tensor, noise: float = 0.1
+    ) -> None:
+        """Start the embeddings of ``tokens`` from ``vectors`` (e.g. genes' PCA loadings).
+
+        Parameters
+        ----------
+        tokens
+            ``(n,)`` vocabulary ids.
+        vectors
+            ``(n, k)`` with ``k <= d_model``: they fill the first ``k`` features, rescaled to a
+            root mean square of one, the scale of the default ``N(0, 1)`` start, so that their
+            relative lengths stay.
+        noise
+            ``noise * N(0, 1)`` is added to every feature of these rows, so that the features
+            beyond ``k`` and genes with near-zero vectors still differ.
+        """
+        weight = self.gene_embedding.weight
+        n, k = vectors.shape
+        if tokens.shape != (n,) or k > weight.shape[1]:
+            raise ValueError(
+                f"tokens must be ({n},) and vectors (n, k <= {weight.shape[1]}); got "
+                f"{tuple(tokens.shape)} and {tuple(vectors.shape)}."
+            )
+        vectors = vectors.to(weight)
+        rows = noise * torch.randn(n, weight.shape[1], dtype=weight.dtype, device=weight.device)
+        rows[:, :k] += vectors / vectors.pow(2).mean().sqrt().clamp_min(1e-12)
+        weight[tokens.to(weight.device)] = rows
+
     @torch.inference_mode()
     def predict_genes(
         self,
