@@ -36,7 +36,7 @@ each task. A run can be split by tasks: ``--merge`` keeps the other tasks of OUT
 "before". Usage (times on 2 cores)::
 
     python benchmarks/quality.py                       # 4 tasks, ~45 min
-    python benchmarks/quality.py --ablations --transfer  # + 17 ablated models, 4 pretrainings
+    python benchmarks/quality.py --ablations --transfer  # + 18 ablated models, 4 pretrainings
                                                        # and 4 fine-tunings: ~4 h in all
     python benchmarks/quality.py --tasks integration --ablations --transfer --merge  # one part
     python benchmarks/quality.py --tasks annotation,trajectory --epochs trajectory=6
@@ -244,7 +244,12 @@ def train_scvi(adata, epochs: int, batch_key: str | None = None):
 # One recipe changed per row: (options of the constructor, options of the training plan).
 RANDOM_GENES = ({"gene_init": "random"}, {})  # gene embeddings not started from PCA
 ABLATIONS = {
-    "annotation": [({}, {"class_balance": False}), ({}, {"keep_best": False}), RANDOM_GENES],
+    "annotation": [
+        ({}, {"class_balance": False}),
+        ({}, {"keep_best": False}),
+        ({"mask_ratio": 0.15}, {}),  # masked training, as without labels
+        RANDOM_GENES,
+    ],
     "integration": [
         RANDOM_GENES,
         ({}, {"dar_weight": 0.0}),
