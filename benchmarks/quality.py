@@ -251,7 +251,7 @@ ABLATIONS = {
     "annotation": [
         ({}, {"class_balance": False}),
         ({}, {"keep_best": False}),
-        ({"mask_ratio": 0.15}, {}),  # masked training, as without labels
+        ({"mask_ratio": 0.0}, {}),  # unmasked, as scGPT fine-tunes (quality_cpu_dev_mask_ratio)
         RANDOM_GENES,
     ],
     "integration": [

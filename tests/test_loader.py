@@ -21,9 +21,8 @@ def untrained():
     torch.manual_seed(0)
     adata = synthetic(n_cells=90)
     SCMamba2.setup_anndata(adata, labels_key="cell_type", batch_key="batch")
-    # DSBN off (on by default with two batches): a packed model; DSBN's padded one is made below.
-    # Masked (labelled models train unmasked by default) so that the masks are compared too.
-    return adata, SCMamba2(adata, dsbn=False, mask_ratio=0.15, **TINY)
+    # DSBN off (on by default with two batches): a packed model; DSBN's padded one is made below
+    return adata, SCMamba2(adata, dsbn=False, **TINY)
 
 
 def test_collate_gives_the_tokenizers_tokens(untrained):

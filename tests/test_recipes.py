@@ -191,10 +191,6 @@ def test_recipes_on_with_both_keys(annotated):
     assert model.init_params_["non_kwargs"]["dsbn"] is None
     query = SCMamba2.load_query_data(adata.copy(), model)
     assert query.module.token_norm.n_domains == 2
-    # annotation trains on unmasked cells; the argument is resolved again the same way
-    assert model.module.mask_ratio == 0.0 and query.module.mask_ratio == 0.0
-    assert model.init_params_["non_kwargs"]["mask_ratio"] is None
-    assert model._collate(adata, training=True).mask_ratio == 0.0
     # class weights of the training cells' labels
     codes = adata.obs["cell_type"].cat.codes.to_numpy()[model.train_indices]
     torch.testing.assert_close(
@@ -234,7 +230,7 @@ def test_recipes_off_without_keys_and_user_kwargs_win():
     adata = synthetic(n_cells=60)
     SCMamba2.setup_anndata(adata)
     model = SCMamba2(adata, **TINY)
-    assert model.module.token_norm.n_domains == 1 and model.module.mask_ratio == 0.15
+    assert model.module.token_norm.n_domains == 1
     model.train(max_steps=1, batch_size=32, **FAST)
     plan = model.trainer.lightning_module
     assert not (plan.class_balance or plan.keep_best or plan.calibrate)
@@ -242,9 +238,8 @@ def test_recipes_off_without_keys_and_user_kwargs_win():
 
     adata = synthetic(n_cells=60)
     SCMamba2.setup_anndata(adata, labels_key="cell_type", batch_key="batch")
-    model = SCMamba2(adata, dsbn=False, mask_ratio=0.15, **TINY)
-    assert model.module.token_norm.n_domains == 1 and model.module.mask_ratio == 0.15
-    assert model._collate(adata, training=True).mask_ratio == 0.15
+    model = SCMamba2(adata, dsbn=False, **TINY)
+    assert model.module.token_norm.n_domains == 1
     model.train(
         max_steps=1,
         batch_size=32,

@@ -262,8 +262,6 @@ def build_module(
     preset = params["preset"]
     if preset not in PRESETS:
         raise ValueError(f"Unknown preset {preset!r}; choose one of {list(PRESETS)}.")
-    if params["mask_ratio"] is None:  # the annotation recipe (see SCMamba2.train)
-        params["mask_ratio"] = 0.0 if n_labels > 0 else 0.15
     sizes = {"checkpointing": False, **PRESETS[preset]}
     sizes.update({k: params[k] for k in _SIZE_KEYS if params[k] is not None})
     options = (
@@ -304,12 +302,8 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
     precision
         Encoder arithmetic: ``"fp32"``, ``"bf16"`` (autocast) or ``"auto"`` (bfloat16 where this
         machine runs it faster, see :func:`~scmamba2_scvi.nn.bf16_pays`).
-    value_encoding, n_bins, cell_embedding
+    value_encoding, n_bins, cell_embedding, mask_ratio
         Module options, see :class:`~scmamba2_scvi.module.SCMamba2Module`.
-    mask_ratio
-        Fraction of the expression values masked in training for the GEP objective (see
-        :class:`~scmamba2_scvi.module.SCMamba2Module`); ``None``: 0 when labels are registered
-        (the annotation recipe, see :meth:`train`), 0.15 otherwise.
     dsbn
         Domain-specific batch norm (one per batch), see
         :class:`~scmamba2_scvi.module.SCMamba2Module`; ``None``: on when more than one batch
@@ -379,7 +373,7 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         n_bins: int = 51,
         dsbn: bool | None = None,
         cell_embedding: Literal["cls", "mean"] = "mean",
-        mask_ratio: float | None = None,
+        mask_ratio: float = 0.15,
         batch_decoder: bool = True,
         library_decoder: bool = True,
         zero_genes: int = 64,
@@ -666,15 +660,10 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
           best validation macro-F1 kept (``validation_macro_f1`` in :attr:`history`), and a
           temperature fitted on the validation cells so that ``predict(soft=True)`` gives
           calibrated probabilities. The last two need validation cells (``train_size < 1``, the
-          default); without them the last epoch's weights and a temperature of 1 stay. No
-          values are masked (``mask_ratio=None`` becomes 0 when the model is created), so the
-          classifier learns from the cells as it will see them in :meth:`predict`, as scGPT
-          fine-tunes its cell-type classifier; the cell-embedding objectives (GEPC and its zero
-          probability) still train the encoder without labels.
+          default); without them the last epoch's weights and a temperature of 1 stay.
 
         Switch a recipe off with e.g. ``plan_kwargs={"keep_best": False}`` or
-        ``plan_kwargs={"dar_weight": 0.0}``, DSBN with ``SCMamba2(adata, dsbn=False)`` and
-        unmasked annotation with ``SCMamba2(adata, mask_ratio=0.15)``.
+        ``plan_kwargs={"dar_weight": 0.0}``, and DSBN with ``SCMamba2(adata, dsbn=False)``.
         """
         _check_train_args(max_epochs, max_steps, batch_size, plan_kwargs)
         recipe: dict[str, Any] = {}

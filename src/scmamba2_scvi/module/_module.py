@@ -139,9 +139,7 @@ class SCMamba2Module(BaseModuleClass):
         ``"cls"``: output at ``<cls>``, as in the paper.
     mask_ratio
         Fraction of values masked for the GEP objective in training and validation (the
-        model's loader masks them; the module only records the ratio). With 0 the expression
-        objectives are computed on every token: GEPC and its zero probability still ask the
-        cell embedding for the cell's expression, while GEP only reads back visible values.
+        model's loader masks them; the module only records the ratio).
     value_scale
         Values are divided by this inside the module (inputs and targets; mask and padding
         markers excepted) so that losses are of order one, e.g. ``n_bins - 1`` for binned values;
