@@ -37,7 +37,7 @@ choose recipes without the test cells) after each task. A run can be split by ta
 ``--merge`` keeps the other tasks of OUT's file and its "before". Usage (times on 2 cores)::
 
     python benchmarks/quality.py                       # 4 tasks, ~45 min
-    python benchmarks/quality.py --ablations --transfer  # + 18 ablated models, 4 pretrainings
+    python benchmarks/quality.py --ablations --transfer  # + 22 ablated models, 4 pretrainings
                                                        # and 4 fine-tunings: ~4 h in all
     python benchmarks/quality.py --tasks integration --ablations --transfer --merge  # one part
     python benchmarks/quality.py --tasks annotation,trajectory --epochs trajectory=6
@@ -247,14 +247,17 @@ def train_scvi(adata, epochs: int, batch_key: str | None = None):
 
 # One recipe changed per row: (options of the constructor, options of the training plan).
 RANDOM_GENES = ({"gene_init": "random"}, {})  # gene embeddings not started from PCA
+MEAN_POOL = ({"cell_embedding": "mean"}, {})  # outputs averaged without the values' weights
 ABLATIONS = {
     "annotation": [
+        MEAN_POOL,
         ({}, {"class_balance": False}),
         ({}, {"keep_best": False}),
         ({"mask_ratio": 0.0}, {}),  # unmasked, as scGPT fine-tunes (quality_cpu_dev_mask_ratio)
         RANDOM_GENES,
     ],
     "integration": [
+        MEAN_POOL,
         RANDOM_GENES,
         ({}, {"dar_weight": 0.0}),
         ({"batch_decoder": False}, {}),
@@ -263,8 +266,14 @@ ABLATIONS = {
         ({}, {"depth_weight": 1.0}),
     ],
     # depth_weight is off by default; these rows turn it on (depth out of the embedding)
-    "trajectory": [RANDOM_GENES, ({"library_decoder": False}, {}), ({}, {"depth_weight": 1.0})],
+    "trajectory": [
+        MEAN_POOL,
+        RANDOM_GENES,
+        ({"library_decoder": False}, {}),
+        ({}, {"depth_weight": 1.0}),
+    ],
     "reconstruction": [
+        MEAN_POOL,
         RANDOM_GENES,
         ({}, {"zero_weight": 0.0}),
         ({"zero_genes": 0}, {}),

@@ -340,3 +340,21 @@ def test_depth_weight_adds_the_depth_share_and_trains_the_encoder():
     enc = [n for n, _ in module.named_parameters() if n.startswith("encoder.")]
     g = grads(module, enc, with_depth.loss - plain.loss)
     assert sum(float(g[n].abs().sum()) for n in enc) > 0
+
+
+# ---------------------------------------------------------------- value-weighted cell embedding
+def test_weighted_cell_embedding_is_the_value_weighted_mean_of_the_outputs():
+    vocab, ids = vocab_and_ids()
+    tok = Tokenizer(ids, vocab, mask_ratio=0.3)
+    batch = tok(sp.csr_matrix(counts()), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    module = SCMamba2Module(len(vocab), cell_embedding="weighted", value_scale=50.0, **TINY)
+    out = module.inference(**module._get_inference_input(batch))
+    values = module.scale_values(batch["input_values"])
+    z = []
+    for c in range(values.shape[0]):  # masked (-1), padding (-2) and <cls> (0) weigh nothing
+        keep = values[c] > 0
+        w = values[c][keep]
+        z.append((out["tokens"][c][keep] * w[:, None]).sum(0) / w.sum())
+    assert bool((batch["input_values"] == -1).any())  # some values are masked
+    torch.testing.assert_close(out["z"], torch.stack(z), rtol=1e-5, atol=1e-6)

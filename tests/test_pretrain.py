@@ -143,7 +143,7 @@ def test_packed_batches_give_the_padded_loss_and_gradients(cells):
     vocab = GeneVocab.from_anndata(cells)
     tok = Tokenizer(vocab.map(cells), vocab, max_len=None, mask_ratio=0.3)
     X = cells.X[:12]
-    for embedding in ("mean", "cls"):
+    for embedding in ("mean", "cls", "weighted"):
         torch.manual_seed(0)
         module = SCMamba2Module(
             len(vocab), dropout=0.0, cell_embedding=embedding, value_scale=50.0, **TINY_MODULE

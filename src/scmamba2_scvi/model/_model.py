@@ -372,7 +372,7 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         value_encoding: Literal["continuous", "categorical"] = "continuous",
         n_bins: int = 51,
         dsbn: bool | None = None,
-        cell_embedding: Literal["cls", "mean"] = "mean",
+        cell_embedding: Literal["cls", "mean", "weighted"] = "weighted",
         mask_ratio: float = 0.15,
         batch_decoder: bool = True,
         library_decoder: bool = True,

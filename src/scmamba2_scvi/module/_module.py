@@ -93,7 +93,8 @@ class SCMamba2Module(BaseModuleClass):
     A cell is a sequence ``<cls>, gene_1, ..., gene_n`` of (gene token, expression value) pairs.
     Token = gene embedding (+ LayerNorm) + value embedding, then batch norm over features (one per
     batch with ``dsbn``), then a :class:`~scmamba2_scvi.nn.BiMamba2Encoder`. The cell embedding is
-    the mean of the outputs over real tokens (or the output at ``<cls>``, as in the paper).
+    the mean of the outputs over real tokens weighted by their values (or unweighted, or the
+    output at ``<cls>``, as in the paper).
     Heads: masked expression (GEP), gene-query expression from the cell embedding (GEPC, a
     hurdle head: the value if expressed and the probability of a zero), cell-type classifier,
     batch discriminator (DAR). The decoders (GEP, GEPC) also read the cell's batch and log
@@ -134,9 +135,12 @@ class SCMamba2Module(BaseModuleClass):
     dsbn
         Domain-specific batch norm (one per batch).
     cell_embedding
-        ``"mean"``: mean of the encoder's outputs over real tokens (the default: every token's
-        output receives the cell-level gradient, which trains faster on small data);
-        ``"cls"``: output at ``<cls>``, as in the paper.
+        ``"weighted"`` (the default): mean of the encoder's outputs weighted by each token's
+        input value (masked tokens and ``<cls>`` weigh nothing), so that the more a gene is
+        expressed the more it counts, as in a linear projection of the expression values;
+        ``"mean"``: their plain mean over real tokens. With either, every token's output
+        receives the cell-level gradient, which trains faster on small data than
+        ``"cls"``: the output at ``<cls>``, as in the paper.
     mask_ratio
         Fraction of values masked for the GEP objective in training and validation (the
         model's loader masks them; the module only records the ratio).
@@ -181,7 +185,7 @@ class SCMamba2Module(BaseModuleClass):
         value_encoding: Literal["continuous", "categorical"] = "continuous",
         n_bins: int = 51,
         dsbn: bool = False,
-        cell_embedding: Literal["cls", "mean"] = "mean",
+        cell_embedding: Literal["cls", "mean", "weighted"] = "weighted",
         mask_ratio: float = 0.15,
         value_scale: float = 1.0,
         batch_decoder: bool = True,
@@ -189,8 +193,10 @@ class SCMamba2Module(BaseModuleClass):
         zero_genes: int = 64,
     ):
         super().__init__()
-        if cell_embedding not in ("cls", "mean"):
-            raise ValueError(f"cell_embedding must be 'cls' or 'mean'; got {cell_embedding!r}.")
+        if cell_embedding not in ("cls", "mean", "weighted"):
+            raise ValueError(
+                f"cell_embedding must be 'cls', 'mean' or 'weighted'; got {cell_embedding!r}."
+            )
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1); got {mask_ratio}.")
         if isinstance(zero_genes, bool) or not isinstance(zero_genes, int) or zero_genes < 0:
@@ -302,23 +308,10 @@ class SCMamba2Module(BaseModuleClass):
         gene_emb = self.gene_norm(self.gene_embedding(genes))
         x = self.token_norm(gene_emb + self.value_encoder(values), key_padding_mask, batch_index)
         tokens = self.encoder(x, key_padding_mask=key_padding_mask, seq_idx=seq_idx)
-        if packed:
-            cell = seq_idx.reshape(-1).long()
-            n_cells = cu_seqlens.numel() - 1
-            if self.cell_embedding == "cls":
-                z = tokens[0, cu_seqlens[:-1].long()]
-            else:
-                z = tokens.new_zeros(n_cells, tokens.shape[-1]).index_add_(0, cell, tokens[0])
-                z = z / torch.diff(cu_seqlens).clamp(min=1).unsqueeze(-1).to(z.dtype)
-        elif self.cell_embedding == "cls":
-            z = tokens[:, 0]
+        if self.cell_embedding == "cls":
+            z = tokens[0, cu_seqlens[:-1].long()] if packed else tokens[:, 0]
         else:
-            real = (
-                torch.ones_like(genes, dtype=torch.bool)
-                if key_padding_mask is None
-                else ~key_padding_mask
-            ).unsqueeze(-1)
-            z = (tokens * real).sum(1) / real.sum(1).clamp(min=1)
+            z = self._pool(tokens, values, key_padding_mask, seq_idx, cu_seqlens)
         return {
             "z": z,
             "tokens": tokens,
@@ -331,6 +324,23 @@ class SCMamba2Module(BaseModuleClass):
             "cu_seqlens": cu_seqlens,
             "log_library": log_library,
         }
+
+    def _pool(self, tokens, values, key_padding_mask, seq_idx, cu_seqlens) -> torch.Tensor:
+        """Mean of the outputs over real tokens, or weighted by input value (``"weighted"``)."""
+        if self.cell_embedding == "weighted":  # masked (-1), padding (-2), <cls> (0): weight 0
+            w = values.clamp(min=0).to(tokens.dtype)
+        elif key_padding_mask is None:
+            w = torch.ones(values.shape, dtype=tokens.dtype, device=tokens.device)
+        else:
+            w = (~key_padding_mask).to(tokens.dtype)
+        if seq_idx is None:
+            return (tokens * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp(min=1e-6)
+        cell = seq_idx.reshape(-1).long()
+        n_cells = cu_seqlens.numel() - 1
+        z = tokens.new_zeros(n_cells, tokens.shape[-1])
+        z.index_add_(0, cell, tokens[0] * w[0, :, None])
+        total = w.new_zeros(n_cells).index_add_(0, cell, w[0])
+        return z / total.clamp(min=1e-6).unsqueeze(-1)
 
     def _get_generative_input(self, tensors, inference_outputs) -> dict:
         return {
