@@ -42,10 +42,10 @@ def _masked_mse(
 
 
 def _per_cell_sum(x: torch.Tensor, seq_idx: torch.Tensor | None, n_cells: int) -> torch.Tensor:
-    """Sum over each cell's tokens: rows are cells, or one packed row with ``seq_idx``."""
+    """Sum over each cell's tokens, feature dimensions kept: cells are rows, or packed in one."""
     if seq_idx is None:
         return x.sum(1)
-    return x.new_zeros(n_cells).index_add_(0, seq_idx.reshape(-1).long(), x.reshape(-1))
+    return x.new_zeros((n_cells, *x.shape[2:])).index_add_(0, seq_idx.reshape(-1).long(), x[0])
 
 
 #: State-dict entries added after the first released format, with the prefixes that name them:
@@ -138,8 +138,8 @@ class SCMamba2Module(BaseModuleClass):
         ``"weighted"`` (the default): mean of the encoder's outputs weighted by each token's
         input value (masked tokens and ``<cls>`` weigh nothing), so that the more a gene is
         expressed the more it counts, as in a linear projection of the expression values;
-        ``"mean"``: their plain mean over real tokens. With either, every token's output
-        receives the cell-level gradient, which trains faster on small data than
+        ``"mean"``: their plain mean over real tokens. With either, the outputs of (unmasked)
+        tokens receive the cell-level gradient, which trains faster on small data than
         ``"cls"``: the output at ``<cls>``, as in the paper.
     mask_ratio
         Fraction of values masked for the GEP objective in training and validation (the
@@ -333,14 +333,9 @@ class SCMamba2Module(BaseModuleClass):
             w = torch.ones(values.shape, dtype=tokens.dtype, device=tokens.device)
         else:
             w = (~key_padding_mask).to(tokens.dtype)
-        if seq_idx is None:
-            return (tokens * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp(min=1e-6)
-        cell = seq_idx.reshape(-1).long()
-        n_cells = cu_seqlens.numel() - 1
-        z = tokens.new_zeros(n_cells, tokens.shape[-1])
-        z.index_add_(0, cell, tokens[0] * w[0, :, None])
-        total = w.new_zeros(n_cells).index_add_(0, cell, w[0])
-        return z / total.clamp(min=1e-6).unsqueeze(-1)
+        n_cells = tokens.shape[0] if seq_idx is None else cu_seqlens.numel() - 1
+        z = _per_cell_sum(tokens * w.unsqueeze(-1), seq_idx, n_cells)
+        return z / _per_cell_sum(w, seq_idx, n_cells).clamp(min=1e-6).unsqueeze(-1)
 
     def _get_generative_input(self, tensors, inference_outputs) -> dict:
         return {
