@@ -1,6 +1,9 @@
 """Tokenization in the loader: collate vs Tokenizer, batching, workers, strict keywords, queries."""
 
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -162,3 +165,35 @@ def test_query_categories_unknown_to_the_reference_read_as_unknown(untrained):
     expect = [model.batch_categories.index(b) if b != "c" else -1 for b in q.obs["batch"][order]]
     np.testing.assert_array_equal(codes, expect)
     qm.train(max_steps=1, batch_size=32, **FAST)  # fine-tuning reads the same codes
+
+
+def test_reading_rows_raises_no_torch_sparse_warning():
+    # torch warns once per process when a CSR tensor is built with its invariant checks off
+    # implicitly: a fresh interpreter, so that no earlier test has used up the warning
+    code = """
+import warnings
+import torch
+from scipy import sparse
+from helpers import TINY, synthetic
+from scmamba2_scvi import SCMamba2
+from scmamba2_scvi.data import TokenDataLoader
+adata = synthetic(n_cells=30)
+adata.X = sparse.csr_matrix(adata.X)
+SCMamba2.setup_anndata(adata)
+model = SCMamba2(adata, **TINY)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    collate = model._collate(adata, training=True)
+    loader = TokenDataLoader(model.adata_manager, collate, batch_size=8)
+    assert sum(len(b["obs_index"]) for b in loader) == 30
+print("\\n".join(str(w.message) for w in caught))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).parent,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "Sparse invariant checks" not in out
+    assert "Sparse CSR tensor support is in beta" not in out

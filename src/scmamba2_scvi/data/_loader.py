@@ -200,7 +200,9 @@ class _Minibatches(Dataset):
         seed, positions = item
         rows = self.indices[positions]
         order = np.argsort(rows, kind="stable")  # backed AnnData reads rows in ascending order
-        with warnings.catch_warnings():  # torch's "beta" notice on each CSR tensor built
+        # CSR rows from SciPy are valid by construction: opt out of torch's invariant checks
+        # explicitly (torch warns when they are off implicitly) and hide its "beta" notice
+        with warnings.catch_warnings(), torch.sparse.check_sparse_tensor_invariants(enable=False):
             warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
             tensors = self.dataset[rows[order].tolist()]
         return seed, positions[order], tensors
