@@ -1,0 +1,83 @@
+"""Notebook 04's trajectory setting with either cell pooling, to see what the pooling does there.
+
+``python benchmarks/dev/trajectory_pooling.py weighted|mean [SEED]``: 1,200 paul15 cells, 1,000
+highly variable genes, ``max_len=256``, minibatches of 64, 8 epochs, no labels (as the notebook);
+DPT from ``7MEP`` with :func:`scmamba2_scvi.tl.pseudotime`; Spearman with the slingshot
+pseudotime over all cells and within each branch, and the share of the embedding's variance that
+log depth explains (top 10 principal components). Appends a JSON line to
+``trajectory_pooling.jsonl`` in the working directory.
+"""
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import scanpy as sc
+import scvi
+from scipy.stats import spearmanr
+from sklearn.decomposition import PCA
+
+import scmamba2_scvi as sm
+
+DATA = Path(os.environ.get("SCMAMBA2_DATA", Path(__file__).parents[3] / "shared" / "data"))
+BRANCHES = {
+    "ery": ("Multipotent progenitors", "Megakaryocytes", "Erythrocyte"),
+    "myeloid": ("Multipotent progenitors", "GMP", "Monocytes", "Neutrophils", "Basophils"),
+}
+
+
+def depth_share(z: np.ndarray, log_depth: np.ndarray, n_pcs: int = 10) -> float:
+    """Variance of ``z`` explained by ``log_depth`` through its top principal components."""
+    pca = PCA(n_pcs).fit(z)
+    pcs = pca.transform(z)
+    r2 = [np.corrcoef(pcs[:, i], log_depth)[0, 1] ** 2 for i in range(n_pcs)]
+    return float(np.dot(pca.explained_variance_ratio_, r2))
+
+
+def main(pool: str, seed: int) -> dict:
+    """Train as notebook 04 does with ``cell_embedding=pool``; score the DPT ordering."""
+    scvi.settings.verbosity = logging.ERROR
+    sc.settings.verbosity = 0
+    scvi.settings.seed = seed
+    paul = ad.read_h5ad(DATA / "paul15_myeloid_tradeseq.h5ad")
+    hvg = sc.pp.highly_variable_genes(paul, n_top_genes=1000, flavor="seurat_v3", inplace=False)
+    cells = np.sort(np.random.default_rng(0).choice(paul.n_obs, 1200, replace=False))
+    adata = paul[cells][:, hvg["highly_variable"].to_numpy()].copy()
+    sc.pp.filter_cells(adata, min_counts=1)
+    sm.SCMamba2.setup_anndata(adata)
+    model = sm.SCMamba2(adata, preset="cpu-small", max_len=256, cell_embedding=pool)
+    t0 = time.perf_counter()
+    model.train(max_epochs=8, batch_size=64, plan_kwargs={"lr": 1e-3}, enable_progress_bar=False)
+    train_s = time.perf_counter() - t0
+    sm.tl.embed(adata, model)
+    sm.tl.pseudotime(adata, root=("paul15_clusters", "7MEP"), groups="paul15_clusters")
+    pt = adata.obs["scmamba2_pseudotime"].to_numpy()
+    sling = adata.obs["Pseudotime"].to_numpy()
+    types = adata.obs["cell_type2"].astype(str).to_numpy()
+    ok = np.isfinite(pt)
+    branch = {}
+    for name, members in BRANCHES.items():
+        sel = ok & np.isin(types, members)
+        branch[name] = round(float(spearmanr(pt[sel], sling[sel])[0]), 3)
+    log_depth = np.log1p(np.asarray(adata.X.sum(1)).ravel())
+    out = {
+        "pool": pool,
+        "seed": seed,
+        "spearman_slingshot": round(float(spearmanr(pt[ok], sling[ok])[0]), 3),
+        "branch": branch,
+        "reached": int(ok.sum()),
+        "pcr_depth_top10": round(depth_share(adata.obsm["X_scmamba2"], log_depth), 3),
+        "train_s": round(train_s),
+    }
+    with open("trajectory_pooling.jsonl", "a") as f:
+        f.write(json.dumps(out) + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0)))
