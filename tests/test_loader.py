@@ -172,7 +172,6 @@ def test_reading_rows_raises_no_torch_sparse_warning():
     # implicitly: a fresh interpreter, so that no earlier test has used up the warning
     code = """
 import warnings
-import torch
 from scipy import sparse
 from helpers import TINY, synthetic
 from scmamba2_scvi import SCMamba2

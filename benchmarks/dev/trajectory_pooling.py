@@ -4,7 +4,7 @@
 highly variable genes, ``max_len=256``, minibatches of 64, 8 epochs, no labels (as the notebook);
 DPT from ``7MEP`` with :func:`scmamba2_scvi.tl.pseudotime`; Spearman with the slingshot
 pseudotime over all cells and within each branch, and the share of the embedding's variance that
-log depth explains (top 10 principal components). Appends a JSON line to
+log depth explains (``pcr_counts``, as in ``benchmarks/quality.py``). Appends a JSON line to
 ``trajectory_pooling.jsonl`` in the working directory.
 """
 
@@ -20,7 +20,6 @@ import numpy as np
 import scanpy as sc
 import scvi
 from scipy.stats import spearmanr
-from sklearn.decomposition import PCA
 
 import scmamba2_scvi as sm
 
@@ -29,14 +28,6 @@ BRANCHES = {
     "ery": ("Multipotent progenitors", "Megakaryocytes", "Erythrocyte"),
     "myeloid": ("Multipotent progenitors", "GMP", "Monocytes", "Neutrophils", "Basophils"),
 }
-
-
-def depth_share(z: np.ndarray, log_depth: np.ndarray, n_pcs: int = 10) -> float:
-    """Variance of ``z`` explained by ``log_depth`` through its top principal components."""
-    pca = PCA(n_pcs).fit(z)
-    pcs = pca.transform(z)
-    r2 = [np.corrcoef(pcs[:, i], log_depth)[0, 1] ** 2 for i in range(n_pcs)]
-    return float(np.dot(pca.explained_variance_ratio_, r2))
 
 
 def main(pool: str, seed: int) -> dict:
@@ -71,7 +62,7 @@ def main(pool: str, seed: int) -> dict:
         "spearman_slingshot": round(float(spearmanr(pt[ok], sling[ok])[0]), 3),
         "branch": branch,
         "reached": int(ok.sum()),
-        "pcr_depth_top10": round(depth_share(adata.obsm["X_scmamba2"], log_depth), 3),
+        "pcr_counts": round(sm.metrics.pcr(adata.obsm["X_scmamba2"], log_depth), 3),
         "train_s": round(train_s),
     }
     with open("trajectory_pooling.jsonl", "a") as f:
