@@ -1,7 +1,12 @@
-"""Notebook 04's trajectory setting with either cell pooling, to see what the pooling does there.
+"""A trajectory setting with either cell pooling, to see what the pooling does there.
 
-``python benchmarks/dev/trajectory_pooling.py weighted|mean [SEED]``: 1,200 paul15 cells, 1,000
-highly variable genes, ``max_len=256``, minibatches of 64, 8 epochs, no labels (as the notebook);
+``python benchmarks/dev/trajectory_pooling.py weighted|mean [SEED [nb04|quality]]``:
+
+- ``nb04`` (default), notebook 04's setting: 1,200 paul15 cells, 1,000 highly variable genes,
+  ``max_len=256``, minibatches of 64, 8 epochs, no labels;
+- ``quality``, the trajectory task of ``benchmarks/quality.py``: all 2,660 cells, 2,000 highly
+  variable genes, its ``max_len``, epochs and training arguments.
+
 DPT from ``7MEP`` with :func:`scmamba2_scvi.tl.pseudotime`; Spearman with the slingshot
 pseudotime over all cells and within each branch, and the share of the embedding's variance that
 log depth explains (``pcr_counts``, as in ``benchmarks/quality.py``). Appends a JSON line to
@@ -30,10 +35,8 @@ BRANCHES = {
 }
 
 
-def main(pool: str, seed: int) -> dict:
-    """Train as notebook 04 does with ``cell_embedding=pool``; score the DPT ordering."""
-    scvi.settings.verbosity = logging.ERROR
-    sc.settings.verbosity = 0
+def _nb04(pool: str, seed: int):
+    """Notebook 04's cells and training; (adata, model, seconds)."""
     scvi.settings.seed = seed
     paul = ad.read_h5ad(DATA / "paul15_myeloid_tradeseq.h5ad")
     hvg = sc.pp.highly_variable_genes(paul, n_top_genes=1000, flavor="seurat_v3", inplace=False)
@@ -44,7 +47,28 @@ def main(pool: str, seed: int) -> dict:
     model = sm.SCMamba2(adata, preset="cpu-small", max_len=256, cell_embedding=pool)
     t0 = time.perf_counter()
     model.train(max_epochs=8, batch_size=64, plan_kwargs={"lr": 1e-3}, enable_progress_bar=False)
-    train_s = time.perf_counter() - t0
+    return adata, model, time.perf_counter() - t0
+
+
+def _quality(pool: str, seed: int):
+    """``benchmarks/quality.py``'s trajectory cells and training; (adata, model, seconds)."""
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    import quality
+
+    quality.quiet()
+    cfg = quality.Config(epochs=dict(quality.FULL_EPOCHS), seed=seed)
+    adata = quality.hvg(quality.load("paul15"), cfg)
+    model, seconds = quality.fit_scmamba2(
+        adata, {}, cfg.epochs["trajectory"], cfg, {"cell_embedding": pool}, {}
+    )
+    return adata, model, seconds
+
+
+def main(pool: str, seed: int, setting: str = "nb04") -> dict:
+    """Train in ``setting`` with ``cell_embedding=pool``; score the DPT ordering."""
+    scvi.settings.verbosity = logging.ERROR
+    sc.settings.verbosity = 0
+    adata, model, train_s = {"nb04": _nb04, "quality": _quality}[setting](pool, seed)
     sm.tl.embed(adata, model)
     sm.tl.pseudotime(adata, root=("paul15_clusters", "7MEP"), groups="paul15_clusters")
     pt = adata.obs["scmamba2_pseudotime"].to_numpy()
@@ -57,6 +81,7 @@ def main(pool: str, seed: int) -> dict:
         branch[name] = round(float(spearmanr(pt[sel], sling[sel])[0]), 3)
     log_depth = np.log1p(np.asarray(adata.X.sum(1)).ravel())
     out = {
+        "setting": setting,
         "pool": pool,
         "seed": seed,
         "spearman_slingshot": round(float(spearmanr(pt[ok], sling[ok])[0]), 3),
@@ -71,4 +96,4 @@ def main(pool: str, seed: int) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0)))
+    print(json.dumps(main(sys.argv[1], *(int(a) if a.isdigit() else a for a in sys.argv[2:]))))
