@@ -1,9 +1,9 @@
 """A trajectory setting with either cell pooling, to see what the pooling does there.
 
-``python benchmarks/dev/trajectory_pooling.py weighted|mean [SEED [nb04|quality]]``:
+``python benchmarks/dev/trajectory_pooling.py weighted|mean [SEED [nb04|quality [MAX_LEN [BS]]]]``:
 
 - ``nb04`` (default), notebook 04's setting: 1,200 paul15 cells, 1,000 highly variable genes,
-  ``max_len=256``, minibatches of 64, 8 epochs, no labels;
+  ``max_len=256`` (or ``MAX_LEN``), minibatches of 64 (or ``BS``), 8 epochs, no labels;
 - ``quality``, the trajectory task of ``benchmarks/quality.py``: all 2,660 cells, 2,000 highly
   variable genes, its ``max_len``, epochs and training arguments.
 
@@ -35,7 +35,7 @@ BRANCHES = {
 }
 
 
-def _nb04(pool: str, seed: int):
+def _nb04(pool: str, seed: int, max_len: int = 256, batch_size: int = 64):
     """Notebook 04's cells and training; (adata, model, seconds)."""
     scvi.settings.seed = seed
     paul = ad.read_h5ad(DATA / "paul15_myeloid_tradeseq.h5ad")
@@ -44,9 +44,11 @@ def _nb04(pool: str, seed: int):
     adata = paul[cells][:, hvg["highly_variable"].to_numpy()].copy()
     sc.pp.filter_cells(adata, min_counts=1)
     sm.SCMamba2.setup_anndata(adata)
-    model = sm.SCMamba2(adata, preset="cpu-small", max_len=256, cell_embedding=pool)
+    model = sm.SCMamba2(adata, preset="cpu-small", max_len=max_len, cell_embedding=pool)
     t0 = time.perf_counter()
-    model.train(max_epochs=8, batch_size=64, plan_kwargs={"lr": 1e-3}, enable_progress_bar=False)
+    model.train(
+        max_epochs=8, batch_size=batch_size, plan_kwargs={"lr": 1e-3}, enable_progress_bar=False
+    )
     return adata, model, time.perf_counter() - t0
 
 
@@ -64,11 +66,11 @@ def _quality(pool: str, seed: int):
     return adata, model, seconds
 
 
-def main(pool: str, seed: int, setting: str = "nb04") -> dict:
+def main(pool: str, seed: int = 0, setting: str = "nb04", *sizes: int) -> dict:
     """Train in ``setting`` with ``cell_embedding=pool``; score the DPT ordering."""
     scvi.settings.verbosity = logging.ERROR
     sc.settings.verbosity = 0
-    adata, model, train_s = {"nb04": _nb04, "quality": _quality}[setting](pool, seed)
+    adata, model, train_s = {"nb04": _nb04, "quality": _quality}[setting](pool, seed, *sizes)
     sm.tl.embed(adata, model)
     sm.tl.pseudotime(adata, root=("paul15_clusters", "7MEP"), groups="paul15_clusters")
     pt = adata.obs["scmamba2_pseudotime"].to_numpy()
@@ -82,6 +84,8 @@ def main(pool: str, seed: int, setting: str = "nb04") -> dict:
     log_depth = np.log1p(np.asarray(adata.X.sum(1)).ravel())
     out = {
         "setting": setting,
+        "max_len": model.tokenizer_kwargs["max_len"],
+        "batch_size": sizes[1] if len(sizes) > 1 else None,
         "pool": pool,
         "seed": seed,
         "spearman_slingshot": round(float(spearmanr(pt[ok], sling[ok])[0]), 3),
