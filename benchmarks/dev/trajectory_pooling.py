@@ -85,7 +85,7 @@ def main(pool: str, seed: int = 0, setting: str = "nb04", *sizes: int) -> dict:
     out = {
         "setting": setting,
         "max_len": model.tokenizer_kwargs["max_len"],
-        "batch_size": sizes[1] if len(sizes) > 1 else None,
+        "batch_size": sizes[1] if len(sizes) > 1 else 64 if setting == "nb04" else "train()'s",
         "pool": pool,
         "seed": seed,
         "spearman_slingshot": round(float(spearmanr(pt[ok], sling[ok])[0]), 3),
