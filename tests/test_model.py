@@ -95,6 +95,27 @@ def test_train_on_pbmc68k_records_history():
     assert model.is_trained
 
 
+def test_packed_training_logs_with_the_number_of_cells():
+    """Packed minibatches are one row: Lightning must be told the cells, not guess 1 and warn."""
+    adata = synthetic()
+    SCMamba2.setup_anndata(adata)  # no labels, no batches: packed minibatches
+    model = SCMamba2(adata, **TINY)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.train(max_epochs=1, batch_size=32, **FAST)
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "ambiguous collection" in m], messages
+    assert "validation_loss" in model.history
+
+
+def test_minibatch_cells_padded_and_packed():
+    from scmamba2_scvi.model._trainingplan import minibatch_cells
+
+    assert minibatch_cells({"genes": torch.zeros(5, 9, dtype=torch.long)}) == 5
+    packed = {"genes": torch.zeros(1, 12, dtype=torch.long), "cu_seqlens": torch.tensor([0, 4, 12])}
+    assert minibatch_cells(packed) == 2
+
+
 def test_loss_decreases_on_learnable_task(trained):
     _, model = trained
     loss = model.history["train_loss"]["train_loss"].to_numpy()

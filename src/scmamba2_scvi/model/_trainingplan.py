@@ -98,6 +98,12 @@ def class_balance_weights(labels: torch.Tensor | np.ndarray, n_labels: int) -> t
     return weights.float()
 
 
+def minibatch_cells(batch: dict[str, torch.Tensor]) -> int:
+    """Cells in a token minibatch: one per row when padded, ``len(cu_seqlens) - 1`` when packed."""
+    cu_seqlens = batch.get("cu_seqlens")
+    return int(batch["genes"].shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1)
+
+
 def confusion_counts(logits: torch.Tensor, labels: torch.Tensor, n_labels: int) -> torch.Tensor:
     """``(n_labels, n_labels)`` counts of (true, predicted) classes; -1 labels are ignored."""
     labels = labels.reshape(-1).long()
@@ -353,6 +359,19 @@ class SCMamba2TrainingPlan(TrainingPlan):
         self._best_state: dict[str, torch.Tensor] | None = None
         self._best_val: tuple[torch.Tensor, torch.Tensor] | None = None
         self._last_val: tuple[torch.Tensor, torch.Tensor] | None = None
+        #: cells of the latest training or validation minibatch (``None`` before the first)
+        self._minibatch_cells: int | None = None
+
+    def log(self, *args, **kwargs):
+        """Lightning's ``log``, with the minibatch's number of cells as its batch size.
+
+        Lightning would otherwise guess the batch size from the first tensor it finds: 1 for a
+        packed minibatch (one row holding every cell), with a warning, and epoch means weighted
+        by that guess.
+        """
+        if kwargs.get("batch_size") is None and self._minibatch_cells is not None:
+            kwargs["batch_size"] = self._minibatch_cells
+        return super().log(*args, **kwargs)
 
     def _training_labels(self) -> np.ndarray | None:
         """Label codes of the training cells (heads' indices, -1 unknown) from the data splitter.
@@ -392,6 +411,7 @@ class SCMamba2TrainingPlan(TrainingPlan):
     def training_step(self, batch, batch_idx):
         """scvi-tools' step, after the memory guard has planned the batch and DAR's ramp."""
         guard_step(self.module, batch, self.memory_budget)
+        self._minibatch_cells = minibatch_cells(batch)
         if self.dar_weight and self.dar_warmup > 0:
             total = self.trainer.estimated_stepping_batches
             ramp_steps = self.dar_warmup * total if math.isfinite(total) else 0.0
@@ -411,6 +431,7 @@ class SCMamba2TrainingPlan(TrainingPlan):
         all values, as :meth:`~scmamba2_scvi.model.SCMamba2.predict` computes them, so that
         the kept epoch and the temperature fit what prediction will see.
         """
+        self._minibatch_cells = minibatch_cells(batch)
         super().validation_step(batch, batch_idx)
         labels = batch.get(REGISTRY_KEYS.LABELS_KEY)
         if getattr(self.module, "classifier", None) is None or labels is None:
