@@ -108,14 +108,6 @@ def test_packed_training_logs_with_the_number_of_cells():
     assert "validation_loss" in model.history
 
 
-def test_minibatch_cells_padded_and_packed():
-    from scmamba2_scvi.model._trainingplan import minibatch_cells
-
-    assert minibatch_cells({"genes": torch.zeros(5, 9, dtype=torch.long)}) == 5
-    packed = {"genes": torch.zeros(1, 12, dtype=torch.long), "cu_seqlens": torch.tensor([0, 4, 12])}
-    assert minibatch_cells(packed) == 2
-
-
 def test_loss_decreases_on_learnable_task(trained):
     _, model = trained
     loss = model.history["train_loss"]["train_loss"].to_numpy()

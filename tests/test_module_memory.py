@@ -8,7 +8,13 @@ import torch
 from helpers import FAST, TINY, synthetic
 from scmamba2_scvi import SCMamba2
 from scmamba2_scvi.data import TokenDataLoader
-from scmamba2_scvi.module._memory import StepMemory, batch_shape, guard_step, plan_groups
+from scmamba2_scvi.module._memory import (
+    StepMemory,
+    batch_cells,
+    batch_shape,
+    guard_step,
+    plan_groups,
+)
 
 
 def _batch(model, adata, packed: bool) -> dict:
@@ -103,3 +109,11 @@ def test_training_step_raises_the_guard_error(model_and_batch):
     model = model_and_batch[0]
     with pytest.raises(MemoryError, match="max_len"):
         model.train(max_epochs=1, batch_size=12, plan_kwargs={"memory_budget": 1e3}, **FAST)
+
+
+def test_batch_shape_padded_and_packed():
+    """Cells and longest sequence: rows when padded, ``len(cu_seqlens) - 1`` when packed."""
+    padded = {"genes": torch.zeros(5, 9, dtype=torch.long)}
+    packed = {"genes": torch.zeros(1, 12, dtype=torch.long), "cu_seqlens": torch.tensor([0, 4, 12])}
+    assert batch_shape(padded) == (5, 9) and batch_cells(padded) == 5
+    assert batch_shape(packed) == (2, 8) and batch_cells(packed) == 2

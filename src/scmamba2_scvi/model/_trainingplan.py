@@ -14,7 +14,7 @@ from scvi import REGISTRY_KEYS
 from scvi.module.base import BaseModuleClass
 from scvi.train import TrainingPlan
 
-from scmamba2_scvi.module._memory import guard_step
+from scmamba2_scvi.module._memory import batch_cells, guard_step
 
 from ._utils import check_keywords
 
@@ -96,12 +96,6 @@ def class_balance_weights(labels: torch.Tensor | np.ndarray, n_labels: int) -> t
         raw = counts[present].rsqrt()
         weights[present] = raw / raw.mean()
     return weights.float()
-
-
-def minibatch_cells(batch: dict[str, torch.Tensor]) -> int:
-    """Cells in a token minibatch: one per row when padded, ``len(cu_seqlens) - 1`` when packed."""
-    cu_seqlens = batch.get("cu_seqlens")
-    return int(batch["genes"].shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1)
 
 
 def confusion_counts(logits: torch.Tensor, labels: torch.Tensor, n_labels: int) -> torch.Tensor:
@@ -411,7 +405,7 @@ class SCMamba2TrainingPlan(TrainingPlan):
     def training_step(self, batch, batch_idx):
         """scvi-tools' step, after the memory guard has planned the batch and DAR's ramp."""
         guard_step(self.module, batch, self.memory_budget)
-        self._minibatch_cells = minibatch_cells(batch)
+        self._minibatch_cells = batch_cells(batch)
         if self.dar_weight and self.dar_warmup > 0:
             total = self.trainer.estimated_stepping_batches
             ramp_steps = self.dar_warmup * total if math.isfinite(total) else 0.0
@@ -431,7 +425,7 @@ class SCMamba2TrainingPlan(TrainingPlan):
         all values, as :meth:`~scmamba2_scvi.model.SCMamba2.predict` computes them, so that
         the kept epoch and the temperature fit what prediction will see.
         """
-        self._minibatch_cells = minibatch_cells(batch)
+        self._minibatch_cells = batch_cells(batch)
         super().validation_step(batch, batch_idx)
         labels = batch.get(REGISTRY_KEYS.LABELS_KEY)
         if getattr(self.module, "classifier", None) is None or labels is None:

@@ -182,12 +182,17 @@ def _first_cell(tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     }
 
 
+def batch_cells(tokens: dict[str, torch.Tensor]) -> int:
+    """Cells of a padded (one per row) or packed (``len(cu_seqlens) - 1``) token dict."""
+    cu = tokens.get("cu_seqlens")
+    return tokens["genes"].shape[0] if cu is None else cu.numel() - 1
+
+
 def batch_shape(tokens: dict[str, torch.Tensor]) -> tuple[int, int]:
     """Cells and longest sequence of a padded or packed token dict."""
     cu = tokens.get("cu_seqlens")
-    if cu is None:
-        return tokens["genes"].shape[0], tokens["genes"].shape[1]
-    return cu.numel() - 1, int(torch.diff(cu).max())
+    longest = tokens["genes"].shape[1] if cu is None else int(torch.diff(cu).max())
+    return batch_cells(tokens), longest
 
 
 def keeps_activations(memory: StepMemory, n_cells: int, seqlen: int, budget: float) -> bool:
