@@ -29,6 +29,7 @@ Usage::
 
     python benchmarks/train_efficiency.py              # full run, writes results/
     python benchmarks/train_efficiency.py --quick      # smoke run, small sizes, nothing written
+    python benchmarks/train_efficiency.py --rounds 3 --only "embed cpu-small"  # medians of 3
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -302,6 +304,9 @@ def _demo(p: dict) -> dict:
     }
 
 
+#: rows measured once whatever ``--rounds`` (minutes per run)
+ONCE = {"demo"}
+
 WORKERS = {
     "demo": _demo,
     "matmul": _matmul,
@@ -428,6 +433,10 @@ def summarize(rows: dict) -> dict:
         before, after = get(name, "base", key), get(name, "current", key)
         if before and after:
             out[f"{name}: {key} after/before"] = round(after / before, 3)
+        pairs = zip(*(rows.get(name, {}).get(f"{v} rounds", []) for v in ("base", "current")))
+        per_round = [round(a[key] / b[key], 2) for b, a in pairs if key in a and key in b]
+        if len(per_round) > 1:
+            out[f"{name}: {key} after/before, each round"] = per_round
     longest = max((n for n in rows if n.startswith("layer ") and "compile" not in n), default=None)
     for version in ("base", "current"):
         short, long_ = get("layer 4096", version, "time_s"), get(longest, version, "time_s")
@@ -475,6 +484,19 @@ def summarize(rows: dict) -> dict:
     return out
 
 
+def _median(results: list[dict]) -> dict:
+    """Each numeric field's median over rounds (the first error, if a round failed)."""
+    errors = [r for r in results if "error" in r]
+    if errors:
+        return errors[0]
+    return {
+        k: statistics.median(r[k] for r in results)
+        if all(isinstance(r.get(k), int | float) for r in results)
+        else v
+        for k, v in results[0].items()
+    }
+
+
 def _fmt(result: dict | None) -> str:
     if not result:
         return "-"
@@ -491,7 +513,13 @@ def markdown(results: dict) -> str:
         f"Machine: `{json.dumps(results['machine'])}`",
         "",
         f"Data: {results['data']}. Base: {results['base']} (before the efficiency work); current: "
-        f"{results['current']}. Each cell is one fresh subprocess.",
+        f"{results['current']}. Each cell is one fresh subprocess"
+        + (
+            f"; rows of both versions: medians of {results['rounds']} alternating rounds "
+            "(each round in the JSON), the demo once."
+            if results.get("rounds", 1) > 1
+            else "."
+        ),
         "",
         "| measurement | base | current |",
         "|---|---|---|",
@@ -513,6 +541,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, nothing written")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per measurement")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure each row of both versions this many times, alternating base and current, "
+        "and report the medians (the demo runs once)",
+    )
     parser.add_argument(
         "--only",
         help="comma-separated measurement names to run (a reduced run); results are then written "
@@ -544,11 +579,21 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown measurement(s) {sorted(unknown)}; known: {[r[0] for r in rows]}")
         rows = [r for r in rows if r[0] in wanted]
     stem = "train_efficiency_cpu_reduced" if args.only else "train_efficiency_cpu"
+    results["rounds"] = args.rounds
     for name, kind, params, on_base in rows:
         row = results["rows"].setdefault(name, {})
-        for version in ("base", "current") if on_base else ("current",):
-            row[version] = measure(versions[version], kind, params, args.timeout)
-            print(f"{name:22s} {version:8s} {_fmt(row[version])}", flush=True)
+        both = ("base", "current") if on_base else ("current",)
+        rounds = args.rounds if on_base and name not in ONCE else 1
+        for _ in range(rounds):
+            for version in both:
+                got = measure(versions[version], kind, params, args.timeout)
+                row.setdefault(f"{version} rounds", []).append(got)
+                print(f"{name:22s} {version:8s} {_fmt(got)}", flush=True)
+        for version in both:
+            per_round = row.pop(f"{version} rounds")
+            row[version] = _median(per_round)
+            if rounds > 1:
+                row[f"{version} rounds"] = per_round
         if not args.quick:  # keep what is measured so far
             _write({**results, "summary": summarize(results["rows"]), "partial": True}, stem)
     results["wall_s"] = round(time.perf_counter() - t_start, 1)
