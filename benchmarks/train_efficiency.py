@@ -440,7 +440,7 @@ def summarize(rows: dict) -> dict:
     longest = max((n for n in rows if n.startswith("layer ") and "compile" not in n), default=None)
     for version in ("base", "current"):
         short, long_ = get("layer 4096", version, "time_s"), get(longest, version, "time_s")
-        if short and long_:
+        if short and long_ and longest != "layer 4096":
             out[f"{version}: {longest} / layer 4096 time"] = round(long_ / short, 2)
     rate = rows.get("matmul rate", {}).get("current", {})
     for version in ("base", "current"):
