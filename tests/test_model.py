@@ -204,6 +204,27 @@ def test_transfer_too_little_overlap_errors(trained):
         SCMamba2.load_query_data(q, model)
 
 
+def test_sequence_lengths_count_expressed_vocabulary_genes_up_to_max_len():
+    adata = synthetic()
+    SCMamba2.setup_anndata(adata)
+    model = SCMamba2(adata, **{**TINY, "max_len": 30})
+    expressed = np.asarray((adata.X > 0).sum(1)).ravel()
+    assert (expressed + 1 > 30).any() and (expressed + 1 < 30).any()  # both sides of the cap
+    np.testing.assert_array_equal(model.sequence_lengths(), np.minimum(expressed + 1, 30))
+    np.testing.assert_array_equal(
+        model.sequence_lengths(indices=[9, 2]), np.minimum(expressed[[9, 2]] + 1, 30)
+    )
+    # another AnnData: only its genes count, in any order
+    genes = list(adata.var_names[40:0:-1])
+    other = query(adata, genes)
+    sub = np.asarray((other.X > 0).sum(1)).ravel()
+    np.testing.assert_array_equal(
+        model.sequence_lengths(other, min_gene_fraction=0.1), np.minimum(sub + 1, 30)
+    )
+    full = SCMamba2(adata, **{**TINY, "max_len": None}, mode="full")
+    np.testing.assert_array_equal(full.sequence_lengths(), np.full(adata.n_obs, 61))
+
+
 def test_get_latent_on_other_adata_without_setup(trained):
     adata, model = trained
     other = query(adata, list(adata.var_names[::-1]))

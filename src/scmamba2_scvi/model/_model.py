@@ -849,6 +849,35 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         )
         return z.numpy()
 
+    def sequence_lengths(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        min_gene_fraction: float | None = None,
+    ) -> np.ndarray:
+        """Number of tokens (``<cls>`` included) each cell becomes when the model reads it.
+
+        A minibatch costs time and memory in proportion to its tokens: use this to choose
+        ``max_len`` or a ``token_budget``. With ``mode="expressed"`` a cell's tokens are its
+        non-zero genes that the vocabulary knows, at most ``max_len``; with ``mode="full"``,
+        every vocabulary gene.
+
+        Parameters
+        ----------
+        adata, indices, min_gene_fraction
+            As in :meth:`get_latent_representation`.
+
+        Returns
+        -------
+        ``(n_cells,)`` int64 array, in ``indices`` order.
+        """
+        adata = self.adata if adata is None else adata
+        X = _matrix(adata, self.adata_manager.registry["setup_args"].get("layer"))
+        if indices is not None:
+            X = X[np.asarray(indices)]
+        collate = self._collate(adata, training=False, min_gene_fraction=min_gene_fraction)
+        return collate.tokenizer.lengths(X)
+
     def predict(
         self,
         adata: AnnData | None = None,
