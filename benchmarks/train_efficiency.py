@@ -490,7 +490,7 @@ def _median(results: list[dict]) -> dict:
     if errors:
         return errors[0]
     return {
-        k: statistics.median(r[k] for r in results)
+        k: round(statistics.median(r[k] for r in results), 4)
         if all(isinstance(r.get(k), int | float) for r in results)
         else v
         for k, v in results[0].items()
@@ -584,16 +584,15 @@ def main(argv: list[str] | None = None) -> int:
         row = results["rows"].setdefault(name, {})
         both = ("base", "current") if on_base else ("current",)
         rounds = args.rounds if on_base and name not in ONCE else 1
+        per_round = {version: [] for version in both}
         for _ in range(rounds):
             for version in both:
-                got = measure(versions[version], kind, params, args.timeout)
-                row.setdefault(f"{version} rounds", []).append(got)
-                print(f"{name:22s} {version:8s} {_fmt(got)}", flush=True)
-        for version in both:
-            per_round = row.pop(f"{version} rounds")
-            row[version] = _median(per_round)
+                per_round[version].append(measure(versions[version], kind, params, args.timeout))
+                print(f"{name:22s} {version:8s} {_fmt(per_round[version][-1])}", flush=True)
+        for version, got in per_round.items():
+            row[version] = _median(got)
             if rounds > 1:
-                row[f"{version} rounds"] = per_round
+                row[f"{version} rounds"] = got
         if not args.quick:  # keep what is measured so far
             _write({**results, "summary": summarize(results["rows"]), "partial": True}, stem)
     results["wall_s"] = round(time.perf_counter() - t_start, 1)
