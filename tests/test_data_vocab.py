@@ -43,6 +43,8 @@ def test_special_tokens_and_properties(ensembl_vocab):
     assert v.symbols[-1] == "TP53" and v.has_positions
     batch_tok = v.add_special("<batch:A>")
     assert batch_tok == 8 and v.add_special("<batch:A>") == 8 and v.n_genes == 5
+    assert v.special_tokens == ["<pad>", "<cls>", "<mask>", "<batch:A>"]
+    assert v.special_tokens == [v.tokens[i] for i in np.flatnonzero(v.is_special)]
     with pytest.raises(ValueError, match="gene key"):
         v.add_special("ENSG00000141510")
     assert v["ENSG00000141510.99"] == v.gene_token_ids[-1]

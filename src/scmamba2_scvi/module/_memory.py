@@ -26,10 +26,8 @@ import torch
 _SAFETY = 2.0
 # Keeping the mixers' intermediates costs about 10x the memory of recomputing them and saves one
 # forward pass, which pays only while a step is small: its intermediates then stay in cache
-# (encoder forward+backward at cpu-small, 2 CPU cores, both timed in one process: 1.33x faster
-# at 4,000 tokens, 1.10x at 14,400; no gain over whole pbmc3k steps of 14,000 tokens in
-# benchmarks/train_efficiency.py). So it is chosen only for steps under a small cap and far
-# below the memory available.
+# (timed in benchmarks/train_efficiency.py; no gain over whole pbmc3k steps). So it is chosen
+# only for steps under a small cap and far below the memory available.
 _KEEP_FRACTION = 0.25
 _KEEP_CAP = 2**30
 

@@ -10,8 +10,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from scmamba2_scvi.ops import bidirectional_blocks, segment_ids
-from scmamba2_scvi.ops._ssd import Backend
+from scmamba2_scvi.ops import Backend, bidirectional_blocks, segment_ids
 
 from ._mixer import HydraMixer, Mamba2Mixer, RMSNorm, reverse_index
 from ._precision import Precision, autocast

@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scmamba2_scvi.ops import depthwise_conv1d, gather_rows, segment_ids, ssd_scan
-from scmamba2_scvi.ops._ssd import Backend
+from scmamba2_scvi.ops import Backend, depthwise_conv1d, gather_rows, segment_ids, ssd_scan
 
 
 class RMSNorm(nn.Module):
