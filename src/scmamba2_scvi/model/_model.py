@@ -31,6 +31,7 @@ from scmamba2_scvi.data import (
     gene_loadings,
 )
 from scmamba2_scvi.module import SCMamba2Module
+from scmamba2_scvi.ops import Backend
 
 from ._checksum import verify_weights, write_checksum
 from ._pretrained import from_pretrained, is_pretrained
@@ -367,7 +368,7 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         bidirectional: Literal["shared_flip", "hydra"] = "shared_flip",
         ffn: bool = False,
         dropout: float = 0.1,
-        backend: Literal["auto", "torch", "mamba_ssm", "triton"] = "auto",
+        backend: Backend = "auto",
         precision: Literal["auto", "fp32", "bf16"] = "fp32",
         value_encoding: Literal["continuous", "categorical"] = "continuous",
         n_bins: int = 51,

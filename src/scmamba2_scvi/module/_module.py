@@ -19,6 +19,7 @@ from scmamba2_scvi.nn import (
     MLPClassifier,
     ValueEncoder,
 )
+from scmamba2_scvi.ops import Backend
 
 
 def _masked_mse(
@@ -124,7 +125,7 @@ class SCMamba2Module(BaseModuleClass):
     checkpointing
         Activation checkpointing in the encoder.
     backend
-        SSD backend (``"auto"``, ``"torch"``, ``"mamba_ssm"``).
+        SSD backend, see :func:`scmamba2_scvi.ops.ssd_scan`.
     precision
         Encoder precision: ``"fp32"``, ``"bf16"`` (autocast) or ``"auto"`` (bfloat16 where the
         hardware runs it faster), see :class:`~scmamba2_scvi.nn.BiMamba2Encoder`.
@@ -180,7 +181,7 @@ class SCMamba2Module(BaseModuleClass):
         ffn: bool = False,
         dropout: float = 0.1,
         checkpointing: bool = False,
-        backend: Literal["auto", "torch", "mamba_ssm"] = "auto",
+        backend: Backend = "auto",
         precision: Literal["auto", "fp32", "bf16"] = "fp32",
         value_encoding: Literal["continuous", "categorical"] = "continuous",
         n_bins: int = 51,
