@@ -376,7 +376,10 @@ class SCMamba2Module(BaseModuleClass):
             value, zero_logit = self.query_decoder(cell, gene_emb)
         else:
             cell_of_token = seq_idx.reshape(-1).long()
-            dec_tokens = tokens if cov is None else tokens + cov[cell_of_token].unsqueeze(0)
+            if cov is not None:  # index_select: see ``GeneQueryDecoder.per_token``
+                dec_tokens = tokens + cov.index_select(0, cell_of_token).unsqueeze(0)
+            else:
+                dec_tokens = tokens
             value, zero_logit = self.query_decoder.per_token(cell, gene_emb[0], cell_of_token)
             value, zero_logit = value.unsqueeze(0), zero_logit.unsqueeze(0)
         out = {"gep": self.expr_decoder(dec_tokens), "gepc": value, "gepc_zero_logit": zero_logit}

@@ -7,14 +7,14 @@ fixed amount of work per token: compiled, it is the fast way to scan on a CPU. n
 scanpy and scvi-tools, so this needs nothing beyond the package's dependencies; kernels are
 compiled on first use and cached on disk.
 
-The backward pass recomputes the states from the inputs (checkpoints every ``_CHECKPOINT``
-tokens), so the autograd graph holds only the inputs, as for mamba-ssm's fused GPU kernels.
+The forward pass keeps the state entering every ``_CHECKPOINT`` tokens; the backward pass
+recomputes the states between them, so the autograd graph holds the inputs and ``1/_CHECKPOINT``
+of the states, as mamba-ssm's fused GPU kernels keep their chunk states.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -29,106 +29,106 @@ _CHECKPOINT = 64
 # compiled on first call and cached on disk; nogil so that threads run kernels side by side
 _jit = njit(fastmath=True, cache=True, nogil=True)
 
+# The kernels keep every scalar in the inputs' dtype (``zero``, ``np.exp``): a float64 literal or
+# ``math.exp`` would turn float32 arithmetic into float64 and stop it from being vectorised.
+
 
 @_jit
-def _forward(rows, x, dt, A, B, C, D, init, reset, y, final):
+def _forward(rows, x, dt, A, B, C, D, init, reset, y, final, starts):
+    """``y`` and the final states; ``starts`` gets the state entering every checkpoint chunk."""
     _, length, h, p = x.shape
     hg = h // B.shape[2]
+    zero = np.zeros(1, x.dtype)[0]
     for bh in range(rows[0], rows[1]):
         i, k = bh // h, bh % h
         g = k // hg
         s = init[i, k].copy()
         for t in range(length):
+            if t % _CHECKPOINT == 0:
+                starts[i, k, t // _CHECKPOINT] = s
             if reset[i, t]:
-                s[:] = 0.0
+                s[:] = zero
             d = dt[i, t, k]
-            a = math.exp(d * A[k])
+            a = np.exp(d * A[k])
+            b_t, c_t = B[i, t, g], C[i, t, g]
             for j in range(p):
-                xd = x[i, t, k, j] * d
-                acc = 0.0
+                x_j = x[i, t, k, j]
+                xd = x_j * d
+                s_j = s[j]
+                acc = zero
                 for m in range(s.shape[1]):
-                    v = a * s[j, m] + xd * B[i, t, g, m]
-                    s[j, m] = v
-                    acc += v * C[i, t, g, m]
-                y[i, t, k, j] = acc + D[k, j] * x[i, t, k, j]
+                    v = a * s_j[m] + xd * b_t[m]
+                    s_j[m] = v
+                    acc += v * c_t[m]
+                y[i, t, k, j] = acc + D[k, j] * x_j
         final[i, k] = s
 
 
 @_jit
-def _backward(rows, x, dt, A, B, C, D, init, reset, dy, dfinal, dx, ddt, dA, dB, dC, dD, dinit):
+def _states(x, dt, A, B, i, k, g, reset, lo, hi, states):
+    """``states[u + 1] = s_{lo + u}`` from ``states[0] = s_{lo - 1}`` (zero at a reset)."""
+    zero = np.zeros(1, x.dtype)[0]
+    for t in range(lo, hi):
+        u = t - lo
+        d = dt[i, t, k]
+        a = zero if reset[i, t] else np.exp(d * A[k])
+        b_t = B[i, t, g]
+        for j in range(x.shape[3]):
+            xd = x[i, t, k, j] * d
+            prev, new = states[u, j], states[u + 1, j]
+            for m in range(b_t.shape[0]):
+                new[m] = a * prev[m] + xd * b_t[m]
+
+
+@_jit
+def _backward(rows, x, dt, A, B, C, D, starts, reset, dy, dfinal, dx, ddt, dA, dB, dC, dD, dinit):
     """Gradients; ``dA``/``dD`` per row and ``dB``/``dC`` per head (summed by the caller)."""
     _, length, h, p = x.shape
     n = B.shape[3]
     hg = h // B.shape[2]
     q = _CHECKPOINT
-    n_chunks = (length + q - 1) // q
+    zero = np.zeros(1, x.dtype)[0]
+    states = np.empty((q + 1, p, n), x.dtype)
+    g_b = np.empty(n, x.dtype)
+    g_c = np.empty(n, x.dtype)
     for bh in range(rows[0], rows[1]):
         i, k = bh // h, bh % h
         g = k // hg
-        # states entering every chunk
-        starts = np.empty((n_chunks, p, n), x.dtype)
-        s = init[i, k].copy()
-        for t in range(length):
-            if t % q == 0:
-                starts[t // q] = s
-            if reset[i, t]:
-                s[:] = 0.0
-            d = dt[i, t, k]
-            a = math.exp(d * A[k])
-            for j in range(p):
-                xd = x[i, t, k, j] * d
-                for m in range(n):
-                    s[j, m] = a * s[j, m] + xd * B[i, t, g, m]
         grad = dfinal[i, k].copy()  # dL/ds_t, carried backwards
-        states = np.empty((q + 1, p, n), x.dtype)
-        g_b = np.empty(n, x.dtype)
-        g_c = np.empty(n, x.dtype)
-        da_sum, dd = 0.0, np.zeros(p, x.dtype)
-        for c in range(n_chunks - 1, -1, -1):
+        da_sum, dd = zero, np.zeros(p, x.dtype)
+        for c in range((length + q - 1) // q - 1, -1, -1):
             lo, hi = c * q, min(length, (c + 1) * q)
-            states[0] = starts[c]
-            for t in range(lo, hi):  # states[t - lo + 1] = s_t, from s_{t-1} (or 0 at a reset)
-                u = t - lo
-                d = dt[i, t, k]
-                a = 0.0 if reset[i, t] else math.exp(d * A[k])
-                for j in range(p):
-                    xd = x[i, t, k, j] * d
-                    for m in range(n):
-                        states[u + 1, j, m] = a * states[u, j, m] + xd * B[i, t, g, m]
+            states[0] = starts[i, k, c]
+            _states(x, dt, A, B, i, k, g, reset, lo, hi, states)
             for t in range(hi - 1, lo - 1, -1):
                 u = t - lo
                 d = dt[i, t, k]
-                a = math.exp(d * A[k])
-                cut = reset[i, t]
-                g_b[:] = 0.0
-                g_c[:] = 0.0
-                dot_x, dot_prev = 0.0, 0.0
+                a = np.exp(d * A[k])
+                decay = zero if reset[i, t] else a  # how s_t depends on s_{t-1}
+                b_t, c_t = B[i, t, g], C[i, t, g]
+                g_b[:] = zero
+                g_c[:] = zero
+                dot_x, dot_prev = zero, zero
                 for j in range(p):
-                    dyj, xj = dy[i, t, k, j], x[i, t, k, j]
-                    gb, gp = 0.0, 0.0
+                    dy_j, x_j = dy[i, t, k, j], x[i, t, k, j]
+                    grad_j, s_j, prev_j = grad[j], states[u + 1, j], states[u, j]
+                    gb, gp = zero, zero
                     for m in range(n):
-                        v = grad[j, m] + dyj * C[i, t, g, m]
-                        grad[j, m] = v
-                        g_c[m] += states[u + 1, j, m] * dyj
-                        g_b[m] += v * xj
-                        gb += v * B[i, t, g, m]
-                        gp += v * states[u, j, m]
-                    dx[i, t, k, j] = d * gb + D[k, j] * dyj
-                    dot_x += xj * gb
-                    if not cut:
-                        dot_prev += gp
-                    dd[j] += dyj * xj
+                        v = grad_j[m] + dy_j * c_t[m]
+                        grad_j[m] = v * decay
+                        g_c[m] += s_j[m] * dy_j
+                        g_b[m] += v * x_j
+                        gb += v * b_t[m]
+                        gp += v * prev_j[m]
+                    dx[i, t, k, j] = d * gb + D[k, j] * dy_j
+                    dot_x += x_j * gb
+                    dot_prev += gp
+                    dd[j] += dy_j * x_j
                 for m in range(n):
                     dB[i, t, k, m] = d * g_b[m]
                     dC[i, t, k, m] = g_c[m]
-                ddt[i, t, k] = dot_x + dot_prev * A[k] * a
-                da_sum += dot_prev * d * a
-                if cut:
-                    grad[:] = 0.0
-                else:
-                    for j in range(p):
-                        for m in range(n):
-                            grad[j, m] *= a
+                ddt[i, t, k] = dot_x + dot_prev * A[k] * decay
+                da_sum += dot_prev * d * decay
         dinit[i, k] = grad
         dA[i, k] = da_sum
         dD[i, k] = dd
@@ -155,8 +155,12 @@ class _NumbaScan(torch.autograd.Function):
         arrays = [_numpy(t, cdt) for t in (x, dt, A, B, C, D, init)]
         y = np.empty((b, length, h, p), arrays[0].dtype)
         final = np.empty_like(arrays[-1])
-        _in_threads(_forward, b * h, *arrays, reset, y, final)
+        n_chunks = (length + _CHECKPOINT - 1) // _CHECKPOINT
+        starts = np.empty((b, h, n_chunks, *init.shape[2:]), arrays[0].dtype)
+        _in_threads(_forward, b * h, *arrays, reset, y, final, starts)
         ctx.save_for_backward(x, dt, A, B, C, D, init)
+        # the checkpoints are 1/_CHECKPOINT of the states; kept only when a backward will run
+        ctx.starts = starts if any(ctx.needs_input_grad) else None
         ctx.reset = reset
         return torch.from_numpy(y).to(x.dtype), torch.from_numpy(final)
 
@@ -166,16 +170,15 @@ class _NumbaScan(torch.autograd.Function):
         cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
         b, length, h, p = x.shape
         n = B.shape[3]
-        arrays = [_numpy(t, cdt) for t in (x, dt, A, B, C, D, init)]
-        dy = np.zeros(x.shape, arrays[0].dtype) if dy is None else _numpy(dy, cdt)
-        dfinal = np.zeros_like(arrays[-1]) if dfinal is None else _numpy(dfinal, cdt)
-        dx, ddt = np.empty_like(arrays[0]), np.empty_like(arrays[1])
+        x_, dt_, A_, B_, C_, D_ = (_numpy(t, cdt) for t in (x, dt, A, B, C, D))
+        dy = np.zeros(x.shape, x_.dtype) if dy is None else _numpy(dy, cdt)
+        dfinal = np.zeros(init.shape, x_.dtype) if dfinal is None else _numpy(dfinal, cdt)
+        dx, ddt = np.empty_like(x_), np.empty_like(dt_)
         dA, dD = np.empty((b, h), ddt.dtype), np.empty((b, h, p), ddt.dtype)
         dB, dC = np.empty((b, length, h, n), ddt.dtype), np.empty((b, length, h, n), ddt.dtype)
-        dinit = np.empty_like(arrays[-1])
-        _in_threads(
-            _backward, b * h, *arrays, ctx.reset, dy, dfinal, dx, ddt, dA, dB, dC, dD, dinit
-        )
+        dinit = np.empty_like(dfinal)
+        args = (x_, dt_, A_, B_, C_, D_, ctx.starts, ctx.reset, dy, dfinal)
+        _in_threads(_backward, b * h, *args, dx, ddt, dA, dB, dC, dD, dinit)
         per_group = (b, length, B.shape[2], h // B.shape[2], n)
         grads = (
             dx,
