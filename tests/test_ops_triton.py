@@ -161,9 +161,6 @@ def test_auto_backend_choice(monkeypatch):
     monkeypatch.setattr(_ssd, "mamba_ssm_available", lambda: True)
     monkeypatch.setattr(_ssd, "triton_available", lambda: True)
     assert _ssd._pick_backend("auto", on_cuda=True) == "mamba_ssm"
-    monkeypatch.setattr(_ssd, "numba_available", lambda: True)
-    assert _ssd._pick_backend("auto", on_cuda=False) == "numba"
-    monkeypatch.setattr(_ssd, "numba_available", lambda: False)
     assert _ssd._pick_backend("auto", on_cuda=False) == "torch"
     monkeypatch.setattr(_ssd, "mamba_ssm_available", lambda: False)
     assert _ssd._pick_backend("auto", on_cuda=True) == "triton"

@@ -24,8 +24,8 @@ import torch
 # Peak over what the saved tensors alone predict: gradients of the activations, the transient
 # intermediates of the layer being recomputed, allocator slack. Checked by the training benchmark.
 _SAFETY = 2.0
-# Keeping the mixers' intermediates costs about 10x the memory of recomputing them and saves one
-# forward pass, which pays only while a step is small: its intermediates then stay in cache
+# Keeping the mixers' intermediates costs several times the memory of recomputing them and saves
+# one forward pass, which pays only while a step is small: its intermediates then stay in cache
 # (timed in benchmarks/train_efficiency.py; no gain over whole pbmc3k steps). So it is chosen
 # only for steps under a small cap and far below the memory available.
 _KEEP_FRACTION = 0.25

@@ -5,7 +5,6 @@ from ._fused import bidirectional_blocks, gather_rows
 from ._ssd import (
     Backend,
     mamba_ssm_available,
-    numba_available,
     segment_ids,
     ssd_scan,
     ssd_scan_torch,
@@ -18,7 +17,6 @@ __all__ = [
     "depthwise_conv1d",
     "gather_rows",
     "mamba_ssm_available",
-    "numba_available",
     "segment_ids",
     "ssd_scan",
     "ssd_scan_torch",

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 #: Scan backends understood by :func:`~scmamba2_scvi.ops.ssd_scan` (``"auto"`` picks one).
-Backend = Literal["auto", "torch", "numba", "mamba_ssm", "triton"]
+Backend = Literal["auto", "torch", "mamba_ssm", "triton"]
 
 # Tokens per block when the torch scan runs on CPU (see ``ssd_scan_torch(tokens_per_block=...)``).
 _CPU_TOKENS_PER_BLOCK = 2048
@@ -44,21 +44,6 @@ def _triton_scan():
     except ImportError:
         return None
     return ssd_scan_triton
-
-
-@functools.cache
-def _numba_scan():
-    """Import the compiled CPU recurrence lazily; ``None`` when ``numba`` is not importable."""
-    try:
-        from ._numba_ssd import ssd_scan_numba
-    except ImportError:
-        return None
-    return ssd_scan_numba
-
-
-def numba_available() -> bool:
-    """Whether the compiled CPU recurrence (``backend="numba"``) can be imported."""
-    return _numba_scan() is not None
 
 
 def triton_available() -> bool:
@@ -400,18 +385,16 @@ def _split_scan(call, x, dt, A, B, C, D, chunk_size, initial_state, seq_idx, fin
 
 def _pick_backend(backend: str, on_cuda: bool, chunk_size: int = 64) -> str:
     """The backend ``ssd_scan`` uses for a ``backend`` argument, the device and the chunk size."""
-    if backend not in ("auto", "torch", "numba", "mamba_ssm", "triton"):
+    if backend not in ("auto", "torch", "mamba_ssm", "triton"):
         raise ValueError(
-            f"backend must be 'auto', 'torch', 'numba', 'mamba_ssm' or 'triton'; got {backend!r}."
+            f"backend must be 'auto', 'torch', 'mamba_ssm' or 'triton'; got {backend!r}."
         )
     if backend != "auto":
         return backend
-    if not on_cuda:
-        return "numba" if numba_available() else "torch"
-    if mamba_ssm_available():
+    if on_cuda and mamba_ssm_available():
         return "mamba_ssm"
     # the own kernel tiles chunks as powers of two >= 16
-    if triton_available() and chunk_size >= 16 and not chunk_size & (chunk_size - 1):
+    if on_cuda and triton_available() and chunk_size >= 16 and not chunk_size & (chunk_size - 1):
         return "triton"
     return "torch"
 
@@ -467,11 +450,10 @@ def ssd_scan(
     backend
         ``"auto"``: on CUDA tensors mamba-ssm's Triton kernel when it imports, else the own
         Triton kernel when ``triton`` imports (and ``chunk_size`` is a power of two >= 16),
-        else the torch reference; on CPU tensors the compiled recurrence (``"numba"``, token by
-        token; ``chunk_size`` plays no part), else the torch reference. ``"torch"``,
-        ``"numba"``, ``"mamba_ssm"`` or ``"triton"`` force one. The Triton kernels run on CUDA
-        tensors (or on CPU under ``TRITON_INTERPRET=1``, for tests); scans too large for their
-        int32 offsets are split over the batch and over sequence blocks (exact).
+        else the torch reference; on CPU the torch
+        reference. ``"torch"``, ``"mamba_ssm"`` or ``"triton"`` force one. The kernels run on
+        CUDA tensors (or on CPU under ``TRITON_INTERPRET=1``, for tests); scans too large for
+        their int32 offsets are split over the batch and over sequence blocks (exact).
 
     Returns
     -------
@@ -493,13 +475,6 @@ def ssd_scan(
             seq_idx=seq_idx,
             return_final_state=return_final_state,
         )
-    if backend == "numba":
-        scan = _numba_scan()
-        if scan is None:
-            raise RuntimeError("backend='numba' needs the numba package: `pip install numba`.")
-        if x.is_cuda:
-            raise RuntimeError("backend='numba' runs on CPU tensors only; use backend='auto'.")
-        return scan(x, dt, A, B, C, D, initial_state, seq_idx, return_final_state)
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(f"backend={backend!r} runs on CUDA tensors only; use backend='torch'.")
     if backend == "mamba_ssm":
