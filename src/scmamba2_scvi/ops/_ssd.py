@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -385,10 +385,10 @@ def _split_scan(call, x, dt, A, B, C, D, chunk_size, initial_state, seq_idx, fin
 
 def _pick_backend(backend: str, on_cuda: bool, chunk_size: int = 64) -> str:
     """The backend ``ssd_scan`` uses for a ``backend`` argument, the device and the chunk size."""
-    if backend not in ("auto", "torch", "mamba_ssm", "triton"):
-        raise ValueError(
-            f"backend must be 'auto', 'torch', 'mamba_ssm' or 'triton'; got {backend!r}."
-        )
+    names = get_args(Backend)
+    if backend not in names:
+        listed = ", ".join(map(repr, names[:-1])) + f" or {names[-1]!r}"
+        raise ValueError(f"backend must be {listed}; got {backend!r}.")
     if backend != "auto":
         return backend
     if on_cuda and mamba_ssm_available():
