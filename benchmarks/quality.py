@@ -28,9 +28,8 @@ notes when this version has no such option; ``--ablations dar_weight,dsbn``: onl
 ``--transfer`` adds SCMamba2 pretrained (``scmamba2_scvi.model.pretrain``) on the other datasets
 of ../shared/data plus scanpy's pbmc68k_reduced, never the evaluated one, then fine-tuned with
 the same epochs as the from-scratch row (pretrained models are cached in ``benchmarks/.cache``).
-The Markdown starts
-with SCMamba2 against the best baseline of the same run (target met when at or above it),
-beside the previous results file (``--before``).
+The Markdown starts with SCMamba2 against the best baseline of the same run (target met when at
+or above it), beside the previous results file (``--before``).
 
 Writes ``OUT/quality_cpu.json`` and ``.md`` (``quality_cpu_quick.*`` with ``--quick``,
 ``quality_cpu_dev.*`` with ``--dev``: annotation scored on a quarter of its training cells, to
