@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 import scvi
@@ -21,17 +20,14 @@ import scvi
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import quality as q  # the benchmark's data, baselines and scoring
 
-from scmamba2_scvi import SCMamba2
-
 BATCH, LABEL = "batch", "cell_line"
 
 
-def data() -> "q.ad.AnnData":
-    """Cellbench's single cells on 2,000 per-plate highly variable genes."""
+def data(cfg: "q.Config") -> "q.ad.AnnData":
+    """Cellbench's single cells on ``cfg.n_hvg`` per-plate highly variable genes."""
     adata = q.load("cellbench")
     adata = adata[adata.obs["demuxlet_cls"] == "SNG"].copy()
     adata.obs[BATCH] = adata.obs[BATCH].astype(str).astype("category")
-    cfg = q.Config(epochs={})
     return q.hvg(adata, cfg, batch_key=BATCH)
 
 
@@ -42,15 +38,12 @@ def main(argv: list[str]) -> dict:
     plan_kw = json.loads(argv[3]) if len(argv) > 3 else {}
     seed = int(os.environ.get("SEED", "0"))
     scvi.settings.verbosity = logging.ERROR
-    adata = data()
-    scvi.settings.seed = seed
-    SCMamba2.setup_anndata(adata, batch_key=BATCH)
-    model = SCMamba2(adata, preset="cpu-small", max_len=1024, **model_kw)
-    t0 = time.perf_counter()
-    model.train(max_epochs=epochs, plan_kwargs=plan_kw or None, **q.trainer_kwargs())
-    seconds = time.perf_counter() - t0
+    cfg = q.Config(epochs={}, seed=seed)
+    adata = data(cfg)
+    keys = {"batch_key": BATCH}
+    model, seconds = q.fit_scmamba2(adata.copy(), keys, epochs, cfg, model_kw, plan_kw)
     embeddings = {"SCMamba2": model.get_latent_representation(), "PCA": q.pca_embedding(adata)}
-    scvi_model, _ = q.train_scvi(adata.copy(), 200, batch_key=BATCH)
+    scvi_model, _ = q.train_scvi(adata.copy(), cfg.scvi_epochs, batch_key=BATCH)
     embeddings["scVI"] = scvi_model.get_latent_representation()
     scores = q.scib_scores(
         adata.obs, embeddings, batch_key=BATCH, label_key=LABEL, unintegrated="PCA"
