@@ -265,6 +265,7 @@ ABLATIONS = {
         ({"dsbn": False}, {}),
         ({}, {"ecs_weight": 0.0}),
         ({}, {"depth_weight": 1.0}),
+        ({}, {"mix_weight": 1.0}),  # local mixing, off by default (integration_dev_recipe)
     ],
     # depth_weight is off by default; these rows turn it on (depth out of the embedding)
     "trajectory": [

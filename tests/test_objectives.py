@@ -342,6 +342,70 @@ def test_depth_weight_adds_the_depth_share_and_trains_the_encoder():
     assert sum(float(g[n].abs().sum()) for n in enc) > 0
 
 
+# ---------------------------------------------------------------- local batch mixing
+def mixing_oracle(z, batch, temperature):
+    """The soft-neighbour batch KL written cell by cell in numpy."""
+    z = z / np.linalg.norm(z, axis=1, keepdims=True)
+    n, n_batch = len(batch), batch.max() + 1
+    out = []
+    for i in range(n):
+        others = [j for j in range(n) if j != i]
+        w = np.exp(np.array([z[i] @ z[j] for j in others]) / temperature)
+        w /= w.sum()
+        mix = np.array([w[batch[others] == b].sum() for b in range(n_batch)])
+        target = np.array([np.mean(batch[others] == b) for b in range(n_batch)])
+        keep = target > 0
+        out.append(np.sum(target[keep] * np.log(target[keep] / mix[keep])))
+    return float(np.mean(out))
+
+
+def test_neighbour_mixing_matches_a_cell_by_cell_oracle():
+    from scmamba2_scvi.module._module import neighbour_mixing
+
+    rng = np.random.default_rng(0)
+    z, batch = rng.normal(size=(9, 4)), np.array([0, 1, 2, 0, 1, 0, 0, 2, 1])
+    got = neighbour_mixing(torch.tensor(z), torch.tensor(batch), temperature=0.5)
+    assert float(got) == pytest.approx(mixing_oracle(z, batch, 0.5), rel=1e-5)
+    # unknown batches are left out, as if those cells were not there
+    with_unknown = neighbour_mixing(
+        torch.tensor(np.vstack([z, rng.normal(size=(2, 4))])),
+        torch.tensor(np.r_[batch, -1, -1]),
+        temperature=0.5,
+    )
+    assert float(with_unknown) == pytest.approx(float(got), rel=1e-6)
+    assert neighbour_mixing(torch.tensor(z[:2]), torch.tensor(batch[:2])) is None
+
+
+def test_neighbour_mixing_is_low_for_mixed_and_high_for_separated_batches():
+    from scmamba2_scvi.module._module import neighbour_mixing
+
+    rng = np.random.default_rng(1)
+    types = np.repeat([[5.0, 0, 0], [0, 5.0, 0]], 6, axis=0) + rng.normal(0, 0.1, (12, 3))
+    batch = torch.tensor([0, 1] * 6)  # both types in both batches
+    mixed = neighbour_mixing(torch.tensor(types), batch)
+    separated = neighbour_mixing(torch.tensor(types), torch.tensor([0] * 6 + [1] * 6))
+    assert float(mixed) < 0.05 < 0.5 < float(separated)
+
+
+def test_mix_weight_adds_the_mixing_loss_and_trains_the_encoder():
+    from scmamba2_scvi.module._module import neighbour_mixing
+
+    n_vocab, padded, _ = tokens_for()
+    torch.manual_seed(0)
+    module = SCMamba2Module(n_vocab, n_batch=2, **TINY)
+    tensors = {**padded, "batch": torch.tensor([0, 1] * 5)}
+    with torch.random.fork_rng():
+        inf, _, plain = module.forward(tensors, loss_kwargs={})
+    _, _, mixed = module.forward(tensors, loss_kwargs={"mix_weight": 2.0})
+    mix = neighbour_mixing(inf["z"], tensors["batch"])
+    assert "mix" not in plain.extra_metrics
+    torch.testing.assert_close(mixed.extra_metrics["mix"], mix.detach())
+    torch.testing.assert_close(mixed.loss, plain.loss + 2.0 * mix)
+    enc = [n for n, _ in module.named_parameters() if n.startswith("encoder.")]
+    g = grads(module, enc, mixed.loss - plain.loss)
+    assert sum(float(g[n].abs().sum()) for n in enc) > 0
+
+
 # ---------------------------------------------------------------- value-weighted cell embedding
 def test_weighted_cell_embedding_is_the_value_weighted_mean_of_the_outputs():
     vocab, ids = vocab_and_ids()
