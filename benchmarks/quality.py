@@ -2,7 +2,7 @@
 
 Every model is trained from scratch in the same run on this CPU (not run in CI); SCMamba2 uses
 the ``cpu-small`` preset and the defaults for its task (only ``max_epochs`` is chosen here, so that
-each model trains in about 10 minutes on 2 cores; no ``plan_kwargs``). Tasks:
+each model trains in 10 to 20 minutes on 2 cores; no ``plan_kwargs``). Tasks:
 
 - annotation, pbmc3k (stratified 80/20): accuracy and macro-F1 of SCMamba2, scANVI (test cells
   unlabelled) and logistic regression on PCA;
@@ -36,9 +36,9 @@ Writes ``OUT/quality_cpu.json`` and ``.md`` (``quality_cpu_quick.*`` with ``--qu
 choose recipes without the test cells) after each task. A run can be split by tasks:
 ``--merge`` keeps the other tasks of OUT's file and its "before". Usage (times on 2 cores)::
 
-    python benchmarks/quality.py                       # 4 tasks, ~45 min
+    python benchmarks/quality.py                       # 4 tasks, ~55 min
     python benchmarks/quality.py --ablations --transfer  # + 22 ablated models, 4 pretrainings
-                                                       # and 4 fine-tunings: ~4 h in all
+                                                       # and 4 fine-tunings: ~5 h in all
     python benchmarks/quality.py --tasks integration --ablations --transfer --merge  # one part
     python benchmarks/quality.py --tasks integration --ablations dar_weight,dsbn --merge
     python benchmarks/quality.py --tasks annotation,trajectory --epochs trajectory=6
@@ -103,8 +103,10 @@ class Config:
 
 
 # Seconds per epoch of the 2026-11-24 run (2 cores, max_len 1024, 2,000 HVG), 1.6 times faster
-# since the efficiency work (results/train_efficiency_cpu.md): each model near 10 minutes.
-FULL_EPOCHS = {"annotation": 8, "integration": 24, "trajectory": 4, "reconstruction": 24}
+# since the efficiency work (results/train_efficiency_cpu.md): each model near 10 minutes, but
+# integration twice that: longer training mixed better and kept more biology on a development
+# dataset (results/integration_dev_recipe.md), and 48 epochs beat 24 on kang2018 as well.
+FULL_EPOCHS = {"annotation": 8, "integration": 48, "trajectory": 4, "reconstruction": 24}
 # Reconstruction is scored on log1p values per 10,000: the model predicts in that space.
 TASK_MODEL = {"reconstruction": {"value_transform": "log1p"}}
 QUICK = {"scvi_epochs": 2, "scanvi_epochs": 1, "max_len": 64, "n_hvg": 300, "n_cells": 200}

@@ -345,12 +345,13 @@ def test_depth_weight_adds_the_depth_share_and_trains_the_encoder():
 # ---------------------------------------------------------------- local batch mixing
 def mixing_oracle(z, batch, temperature):
     """The soft-neighbour batch KL written cell by cell in numpy."""
-    z = z / np.linalg.norm(z, axis=1, keepdims=True)
     n, n_batch = len(batch), batch.max() + 1
+    d2 = {(i, j): np.sum((z[i] - z[j]) ** 2) for i in range(n) for j in range(n) if i != j}
+    scale = np.mean(list(d2.values())) * temperature
     out = []
     for i in range(n):
         others = [j for j in range(n) if j != i]
-        w = np.exp(np.array([z[i] @ z[j] for j in others]) / temperature)
+        w = np.exp(-np.array([d2[i, j] for j in others]) / scale)
         w /= w.sum()
         mix = np.array([w[batch[others] == b].sum() for b in range(n_batch)])
         target = np.array([np.mean(batch[others] == b) for b in range(n_batch)])
@@ -374,6 +375,9 @@ def test_neighbour_mixing_matches_a_cell_by_cell_oracle():
     )
     assert float(with_unknown) == pytest.approx(float(got), rel=1e-6)
     assert neighbour_mixing(torch.tensor(z[:2]), torch.tensor(batch[:2])) is None
+    # scaling the embedding changes nothing
+    scaled = neighbour_mixing(torch.tensor(z * 7.0), torch.tensor(batch), temperature=0.5)
+    assert float(scaled) == pytest.approx(float(got), rel=1e-5)
 
 
 def test_neighbour_mixing_is_low_for_mixed_and_high_for_separated_batches():

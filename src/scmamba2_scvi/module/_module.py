@@ -89,13 +89,15 @@ def neighbour_mixing(
     """How far each cell's soft nearest neighbours are from the minibatch's mix of batches.
 
     Each cell's neighbours are the other cells of the minibatch, weighted by the softmax of
-    their cosine similarity to it over ``temperature``; the loss is the mean Kullback-Leibler
-    divergence from the batch composition of the other cells to that of the weighted
-    neighbours: 0 when every cell's near neighbours come from the batches in the proportions
-    of the minibatch, large when they come from its own batch. A differentiable, local
-    counterpart of iLISI (DAR's discriminator only sees whether batches can be told apart
-    as a whole). Cells of unknown batch (``batch < 0``) are left out; ``None`` with fewer than
-    three cells left.
+    minus their squared Euclidean distance to it, over ``temperature`` times the mean squared
+    distance between cells (so the weights do not change when the embedding is scaled, and
+    cannot be gamed by shrinking it); the loss is the mean Kullback-Leibler divergence from the
+    batch composition of the other cells to that of the weighted neighbours: 0 when every
+    cell's near neighbours come from the batches in the proportions of the minibatch, large
+    when they come from its own batch. A differentiable, local counterpart of iLISI, which
+    reads Euclidean neighbours too (DAR's discriminator only sees whether batches can be told
+    apart as a whole). Cells of unknown batch (``batch < 0``) are left out; ``None`` with
+    fewer than three cells left.
     """
     known = batch >= 0
     z, batch = z[known].float(), batch[known].long()
@@ -103,9 +105,10 @@ def neighbour_mixing(
     if n < 3:
         return None
     onehot = F.one_hot(batch).float()
-    zn = F.normalize(z, dim=-1)
     eye = torch.eye(n, dtype=torch.bool, device=z.device)
-    weights = (zn @ zn.T / temperature).masked_fill(eye, float("-inf")).softmax(-1)
+    d2 = torch.cdist(z, z).square()
+    scale = d2[~eye].mean().clamp(min=1e-12) * temperature
+    weights = (-d2 / scale).masked_fill(eye, float("-inf")).softmax(-1)
     mix = weights @ onehot
     target = (onehot.sum(0) - onehot) / (n - 1)
     kl = target * (target.clamp(min=1e-12).log() - mix.clamp(min=1e-12).log())
