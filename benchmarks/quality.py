@@ -105,7 +105,7 @@ class Config:
 # Seconds per epoch of the 2026-11-24 run (2 cores, max_len 1024, 2,000 HVG), 1.6 times faster
 # since the efficiency work (results/train_efficiency_cpu.md): each model near 10 minutes, but
 # integration twice that: longer training mixed better and kept more biology on a development
-# dataset (results/integration_dev_recipe.md), and 48 epochs beat 24 on kang2018 as well.
+# dataset (results/integration_dev_recipe.md); on kang2018, 48 epochs beat 24 over two seeds.
 FULL_EPOCHS = {"annotation": 8, "integration": 48, "trajectory": 4, "reconstruction": 24}
 # Reconstruction is scored on log1p values per 10,000: the model predicts in that space.
 TASK_MODEL = {"reconstruction": {"value_transform": "log1p"}}
@@ -267,7 +267,6 @@ ABLATIONS = {
         ({"dsbn": False}, {}),
         ({}, {"ecs_weight": 0.0}),
         ({}, {"depth_weight": 1.0}),
-        ({}, {"mix_weight": 1.0}),  # local mixing, off by default (integration_dev_recipe)
     ],
     # depth_weight is off by default; these rows turn it on (depth out of the embedding)
     "trajectory": [

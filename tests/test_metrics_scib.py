@@ -1,9 +1,10 @@
 """Our NumPy scores equal scib-metrics' (the reference, jax) on the same embeddings and neighbours.
 
-Skips without scib-metrics (``pip install ".[benchmark]"``). kBET is compared to 5e-3, not 1e-5:
-scib-metrics' diffusion map starts ARPACK from its process-wide random state and multiplies the
-eigenvector of eigenvalue ~1 by 1 / (1 - eigenvalue), so a cell or two can change neighbours
-between two runs of scib-metrics itself.
+Skips without scib-metrics (``pip install ".[benchmark]"``). scib-metrics' diffusion map (kBET)
+starts ARPACK from its process-wide random state, so the tests start it where ours starts; it
+also multiplies the eigenvector of an eigenvalue within float32 rounding of 1 by
+1 / (1 - eigenvalue), so what ran before in the process (a whole ``Benchmarker``) can still move
+a cell or two to other neighbours: kBET after a ``Benchmarker`` run is compared to 2e-2.
 """
 
 import numpy as np
@@ -34,18 +35,25 @@ def pbmc():
 
 @pytest.fixture
 def exact_diffusion_neighbors(monkeypatch):
-    """scib-metrics' kBET with exact neighbours in its diffusion map, in place of pynndescent.
+    """scib-metrics' kBET with exact neighbours in its diffusion map, in place of pynndescent,
+    and ARPACK started where ours starts.
 
     pynndescent approximates the exact neighbours we use (on this data it finds the same ones)
-    and its numba compilation takes about a minute; the definitions are what is compared.
+    and its numba compilation takes about a minute; ARPACK's own start depends on what ran
+    before in the process. The definitions are what is compared.
     """
     import scib_metrics.utils._diffusion_nn as diffusion
+    from scipy.sparse.linalg import eigsh
 
     def exact(X, n_neighbors, **_):
         nn = metrics.neighbors(X, n_neighbors)
         return NeighborsResults(indices=nn.indices, distances=nn.distances)
 
+    def seeded(A, **kwargs):
+        return eigsh(A, v0=np.random.default_rng(0).uniform(-1, 1, A.shape[0]), **kwargs)
+
     monkeypatch.setattr(diffusion.nearest_neighbors, "pynndescent", exact)
+    monkeypatch.setattr(diffusion.scipy.sparse.linalg, "eigsh", seeded)
 
 
 @pytest.mark.parametrize("case", ["mixed", "split"])
@@ -81,8 +89,7 @@ def test_scores_equal_scib_metrics(pbmc, case, exact_diffusion_neighbors):
     }
     ours = {k: v[0] for k, v in pairs.items()}
     theirs = {k: float(v[1]) for k, v in pairs.items()}
-    kbet = ours.pop("kbet")
-    assert kbet == pytest.approx(theirs.pop("kbet"), abs=5e-3)
+    kbet = ours["kbet"]
     assert ours == pytest.approx(theirs, abs=1e-5)
     if case == "split":  # the constructed batch effect is visible to the neighbourhood scores
         assert ours["ilisi"] < 0.2 and kbet < 0.5
@@ -150,8 +157,13 @@ def test_integration_scores_equal_benchmarker(pbmc, exact_diffusion_neighbors):
     assert {k: ours[k] for k in names} == pytest.approx(
         {k: float(ref[v]) for k, v in names.items()}, abs=1e-5
     )
-    assert ours["kbet"] == pytest.approx(float(ref["kbet_per_label"]), abs=5e-3)
-    assert ours["batch"] == pytest.approx(float(ref["Batch correction"]), abs=1e-3)
+    # kBET's definition is compared exactly above; here, after the Benchmarker's jax work, a
+    # diffusion eigenvalue within float32 rounding of 1 can move a cell's neighbours (module
+    # docstring), so the batch mean is checked with the Benchmarker's kBET swapped for ours.
+    their_kbet = float(ref["kbet_per_label"])
+    assert ours["kbet"] == pytest.approx(their_kbet, abs=2e-2)
+    swapped = float(ref["Batch correction"]) + (ours["kbet"] - their_kbet) / 5
+    assert ours["batch"] == pytest.approx(swapped, abs=1e-5)
     # the aggregate weights: bio is the mean of 5 (NMI and ARI counted apart), total 0.6/0.4
     nmi, ari = ref["nmi_ari_cluster_labels_kmeans_nmi"], ref["nmi_ari_cluster_labels_kmeans_ari"]
     bio = np.mean([ours["isolated_labels"], nmi, ari, ours["silhouette_label"], ours["clisi"]])

@@ -185,7 +185,7 @@ def test_recipes_on_with_both_keys(annotated):
     plan = model.trainer.lightning_module
     assert plan.class_balance and plan.keep_best and plan.calibrate
     assert plan.loss_kwargs["dar_weight"] == 1.0  # after the ramp
-    assert plan.ramped == {"dar_weight": 1.0} and plan.loss_kwargs["ecs_weight"] > 0
+    assert plan.dar_weight == 1.0 and plan.loss_kwargs["ecs_weight"] > 0
     assert model.module.token_norm.n_domains == 2  # DSBN
     # the saved argument stays None, so a query model resolves it again (to the same heads)
     assert model.init_params_["non_kwargs"]["dsbn"] is None
@@ -246,7 +246,6 @@ def test_recipes_off_without_keys_and_user_kwargs_win():
         plan_kwargs={
             "dar_weight": 0.0,
             "ecs_weight": 0.3,
-            "mix_weight": 0.5,
             "class_balance": False,
             "keep_best": False,
         },
@@ -254,8 +253,6 @@ def test_recipes_off_without_keys_and_user_kwargs_win():
     )
     plan = model.trainer.lightning_module
     assert plan.loss_kwargs["dar_weight"] == 0.0 and plan.loss_kwargs["ecs_weight"] == 0.3
-    assert plan.ramped == {"mix_weight": 0.5}  # rises from 0 like DAR, from the first step
-    assert plan.loss_kwargs["mix_weight"] == 0.0
     assert not plan.class_balance and not plan.keep_best and plan.calibrate
     assert "label_weights" not in plan.loss_kwargs
 

@@ -632,7 +632,7 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
             ``weight_decay``, ``warmup_ratio``, the recipe switches ``class_balance``,
             ``keep_best``, ``calibrate``, ``dar_warmup``, and the loss weights ``gep_weight``,
             ``gepc_weight``, ``zero_weight``, ``cls_weight``, ``dar_weight``, ``ecs_weight``,
-            ``depth_weight`` and ``mix_weight`` (off by default, see
+            ``depth_weight`` (off by default, see
             :meth:`~scmamba2_scvi.module.SCMamba2Module.loss`). They override the task recipes
             (see Notes).
         datasplitter_kwargs

@@ -43,10 +43,6 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) ->
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-#: loss weights that rise over ``dar_warmup``: the objectives that push batches together
-_RAMPED = ("dar_weight", "mix_weight")
-
-
 def linear_ramp(step: int, ramp_steps: float) -> float:
     """Multiplier rising linearly from 0 at ``step`` 0 to 1 at ``ramp_steps``, then 1.
 
@@ -297,10 +293,9 @@ class SCMamba2TrainingPlan(TrainingPlan):
         Without validation cells the temperature is left as it is. ``None``: on when the module
         has a classifier.
     dar_warmup
-        Fraction of all training steps over which the mixing objectives' weights
-        (``dar_weight``, ``mix_weight``) rise linearly from 0 (:func:`linear_ramp`), so the
-        embedding forms before it is pushed to mix batches; 0: the full weights from the
-        first step.
+        Fraction of all training steps over which ``dar_weight`` rises linearly from 0
+        (:func:`linear_ramp`), so the embedding forms before it is pushed to mix batches;
+        0: the full weight from the first step.
     **loss_kwargs
         Loss arguments, see above.
     """
@@ -351,7 +346,7 @@ class SCMamba2TrainingPlan(TrainingPlan):
         self.keep_best = has_classifier if keep_best is None else bool(keep_best)
         self.calibrate = has_classifier if calibrate is None else bool(calibrate)
         self.dar_warmup = dar_warmup
-        self.ramped = {k: self.loss_kwargs[k] for k in _RAMPED if self.loss_kwargs.get(k)}
+        self.dar_weight = self.loss_kwargs.get("dar_weight")
         #: best validation macro-F1 so far (``keep_best``), ``None`` before the first one
         self.best_macro_f1: float | None = None
         self._val_batches: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -411,13 +406,12 @@ class SCMamba2TrainingPlan(TrainingPlan):
         """scvi-tools' step, after the memory guard has planned the batch and DAR's ramp."""
         guard_step(self.module, batch, self.memory_budget)
         self._minibatch_cells = batch_cells(batch)
-        if self.ramped and self.dar_warmup > 0:
+        if self.dar_weight and self.dar_warmup > 0:
             total = self.trainer.estimated_stepping_batches
             ramp_steps = self.dar_warmup * total if math.isfinite(total) else 0.0
-            for name, full in self.ramped.items():
-                weight = full * linear_ramp(self.global_step, ramp_steps)
-                self.loss_kwargs[name] = weight
-                self.log(name, weight, on_step=False, on_epoch=True)
+            weight = self.dar_weight * linear_ramp(self.global_step, ramp_steps)
+            self.loss_kwargs["dar_weight"] = weight
+            self.log("dar_weight", weight, on_step=False, on_epoch=True)
         return super().training_step(batch, batch_idx)
 
     def on_validation_epoch_start(self):

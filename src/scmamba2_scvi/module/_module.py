@@ -83,38 +83,6 @@ def depth_share(z: torch.Tensor, log_library: torch.Tensor) -> torch.Tensor:
     return explained / zc.pow(2).sum().clamp(min=1e-8)
 
 
-def neighbour_mixing(
-    z: torch.Tensor, batch: torch.Tensor, temperature: float = 0.1
-) -> torch.Tensor | None:
-    """How far each cell's soft nearest neighbours are from the minibatch's mix of batches.
-
-    Each cell's neighbours are the other cells of the minibatch, weighted by the softmax of
-    minus their squared Euclidean distance to it, over ``temperature`` times the mean squared
-    distance between cells (so the weights do not change when the embedding is scaled, and
-    cannot be gamed by shrinking it); the loss is the mean Kullback-Leibler divergence from the
-    batch composition of the other cells to that of the weighted neighbours: 0 when every
-    cell's near neighbours come from the batches in the proportions of the minibatch, large
-    when they come from its own batch. A differentiable, local counterpart of iLISI, which
-    reads Euclidean neighbours too (DAR's discriminator only sees whether batches can be told
-    apart as a whole). Cells of unknown batch (``batch < 0``) are left out; ``None`` with
-    fewer than three cells left.
-    """
-    known = batch >= 0
-    z, batch = z[known].float(), batch[known].long()
-    n = z.shape[0]
-    if n < 3:
-        return None
-    onehot = F.one_hot(batch).float()
-    eye = torch.eye(n, dtype=torch.bool, device=z.device)
-    d2 = torch.cdist(z, z).square()
-    scale = d2[~eye].mean().clamp(min=1e-12) * temperature
-    weights = (-d2 / scale).masked_fill(eye, float("-inf")).softmax(-1)
-    mix = weights @ onehot
-    target = (onehot.sum(0) - onehot) / (n - 1)
-    kl = target * (target.clamp(min=1e-12).log() - mix.clamp(min=1e-12).log())
-    return kl.sum(-1).mean()
-
-
 def _pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a, b = a - a.mean(), b - b.mean()
     return (a * b).sum() / (a.norm() * b.norm()).clamp(min=1e-8)
@@ -441,7 +409,6 @@ class SCMamba2Module(BaseModuleClass):
         ecs_threshold: float = 0.6,
         zero_weight: float = 1.0,
         depth_weight: float = 0.0,
-        mix_weight: float = 0.0,
         label_weights: torch.Tensor | None = None,
     ) -> LossOutput:
         """Weighted sum of the objectives; each weight can be set through ``plan_kwargs``.
@@ -483,10 +450,6 @@ class SCMamba2Module(BaseModuleClass):
             with biology (RNA content differs between cell types and along differentiation),
             and taking it out lowered the quality of the benchmark's trajectory and integration
             embeddings; for data where depth is only technical.
-        mix_weight
-            Local batch mixing (integration): :func:`neighbour_mixing` of the cell embeddings,
-            lowered when each cell's nearest neighbours in the minibatch come from all its
-            batches. Off by default.
         label_weights
             ``(n_labels,)`` weight of each class in the classifier's cross-entropy (e.g.
             inverse class frequencies for class balance); ``None``: equal weights.
@@ -495,7 +458,7 @@ class SCMamba2Module(BaseModuleClass):
         -------
         :class:`~scvi.module.base.LossOutput` with per-term values in ``extra_metrics``
         (``gep``, ``gepc``, ``masked_pearson``, and ``gepc_zero``, ``cls``/``accuracy``, ``dar``
-        (discriminator cross-entropy)/``dar_confusion``, ``ecs``, ``depth``, ``mix`` when computed).
+        (discriminator cross-entropy)/``dar_confusion``, ``ecs``, ``depth`` when computed).
         """
         targets, masked = inference_outputs["targets"], inference_outputs["masked"]
         z = inference_outputs["z"]
@@ -555,10 +518,6 @@ class SCMamba2Module(BaseModuleClass):
             depth = depth_share(z.float(), log_library.reshape(-1).float())
             total = total + depth_weight * depth
             extra["depth"] = depth.detach()
-        mix = None if mix_weight <= 0 or batch is None else neighbour_mixing(z, batch)
-        if mix is not None:
-            total = total + mix_weight * mix
-            extra["mix"] = mix.detach()
         if ecs_weight > 0 and z.shape[0] > 1:
             zn = F.normalize(z, dim=-1)
             cos = (zn @ zn.T).masked_fill(
