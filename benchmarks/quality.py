@@ -105,7 +105,7 @@ class Config:
 # Seconds per epoch of the 2026-11-24 run (2 cores, max_len 1024, 2,000 HVG), 1.6 times faster
 # since the efficiency work (results/train_efficiency_cpu.md): each model near 10 minutes, but
 # integration twice that: longer training mixed better and kept more biology on a development
-# dataset (results/integration_dev_recipe.md); on kang2018, 48 epochs beat 24 over two seeds.
+# dataset (results/integration_dev_recipe.md); on kang2018, 48 epochs beat 24 (seeds 0, 1).
 FULL_EPOCHS = {"annotation": 8, "integration": 48, "trajectory": 4, "reconstruction": 24}
 # Reconstruction is scored on log1p values per 10,000: the model predicts in that space.
 TASK_MODEL = {"reconstruction": {"value_transform": "log1p"}}
