@@ -70,6 +70,13 @@ def test_unknown_preset():
         SCMamba2(adata, preset="huge")
 
 
+def test_mode_genes_refused_at_construction():
+    adata = synthetic()
+    SCMamba2.setup_anndata(adata)
+    with pytest.raises(ValueError, match="mode 'expressed' or 'full'; got 'genes'"):
+        SCMamba2(adata, mode="genes")
+
+
 def test_presets_set_sizes_and_explicit_args_override():
     adata = synthetic(n_cells=30)
     SCMamba2.setup_anndata(adata)

@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", action="store_true", help=verbose_help)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    def common(p, epochs: int, preset: bool = True, batch_size: int = 16, lr: float = 1e-3):
+    def common(p, epochs: int | None, preset: bool = True, batch_size: int = 16, lr: float = 1e-3):
         p.add_argument(
             "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help
         )
@@ -330,7 +330,14 @@ def build_parser() -> argparse.ArgumentParser:
                 default=1024,
                 help="max tokens per cell; default: %(default)s",
             )
-        p.add_argument("--epochs", type=_POSITIVE, default=epochs, help="default: %(default)s")
+        p.add_argument(
+            "--epochs",
+            type=_POSITIVE,
+            default=epochs,
+            help="default: %(default)s"
+            if epochs
+            else "default: one epoch (unlimited when --max-steps is given)",
+        )
         p.add_argument(
             "--batch-size", type=_POSITIVE, default=batch_size, help="default: %(default)s"
         )
@@ -392,16 +399,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="h5ad file with counts")
     p.add_argument("--model", required=True, help="folder of a saved model")
     p.add_argument("--out", required=True, help="folder to save the fine-tuned model to")
-    p.add_argument("--layer", default="reference")
-    p.add_argument("--labels-key", default=None)
-    p.add_argument("--batch-key", default="reference")
-    p.add_argument("--gene-key", default=None)
+    p.add_argument(
+        "--layer",
+        default="reference",
+        help="layer with counts ('reference': the saved model's; default: %(default)s)",
+    )
+    p.add_argument(
+        "--labels-key",
+        default=None,
+        help="obs column of cell-type labels to fine-tune the classifier on ('reference': the "
+        "saved model's); default: none, no classifier loss",
+    )
+    p.add_argument(
+        "--batch-key",
+        default="reference",
+        help="obs column of batches ('reference': the saved model's; default: %(default)s)",
+    )
+    p.add_argument("--gene-key", default=None, help="var column of gene IDs; default: var_names")
     common(p, epochs=10, preset=False)
     p.set_defaults(func=finetune)
 
     for name, key, what in (
         ("embed", "X_scmamba2", "obsm key"),
-        ("annotate", "scmamba2_label", "obs key"),
+        ("annotate", "scmamba2_label", "obs key (also KEY_confidence, obsm KEY_probabilities)"),
     ):
         p = sub.add_parser(
             name,
@@ -412,7 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", required=True, help="folder of a saved model")
         p.add_argument("--output", required=True, help="h5ad file to write")
         p.add_argument("--key", default=key, help=f"{what}; default: %(default)s")
-        p.add_argument("--gene-key", default=None)
+        p.add_argument(
+            "--gene-key", default=None, help="var column of gene IDs; default: var_names"
+        )
         p.add_argument(
             "--min-gene-fraction",
             type=_fraction,

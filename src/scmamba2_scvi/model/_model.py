@@ -301,9 +301,14 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
     d_conv, n_groups, chunk_size, bidirectional, ffn, dropout, backend
         Encoder options, see :class:`~scmamba2_scvi.nn.BiMamba2Encoder`.
     precision
-        Encoder arithmetic: ``"fp32"``, ``"bf16"`` (autocast) or ``"auto"`` (bfloat16 where this
-        machine runs it faster, see :func:`~scmamba2_scvi.nn.bf16_pays`).
-    value_encoding, n_bins, cell_embedding, mask_ratio
+        Encoder arithmetic on CPU: ``"fp32"``, ``"bf16"`` (autocast) or ``"auto"`` (bfloat16
+        where this machine runs it faster, see :func:`~scmamba2_scvi.nn.bf16_pays`). On a GPU,
+        training runs in Lightning's ``"bf16-mixed"`` precision (pass ``precision="32-true"`` to
+        :meth:`train` for float32) and inference under bfloat16 autocast, whatever this says.
+    n_bins
+        Quantile bins of ``value_transform="bin"`` (the module divides bin values by
+        ``n_bins - 1``) and the categorical value encoder's bins.
+    value_encoding, cell_embedding, mask_ratio
         Module options, see :class:`~scmamba2_scvi.module.SCMamba2Module`.
     dsbn
         Domain-specific batch norm (one per batch), see
@@ -324,13 +329,16 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         data). ``"random"``: ``N(0, 1)``. A model given trained weights (:meth:`load`,
         :meth:`load_query_data`, :meth:`from_pretrained`) keeps them.
     mode, max_len, gene_order, subsample, value_transform
-        How a cell becomes a sequence, see :class:`~scmamba2_scvi.data.Tokenizer`. Default:
-        expressed genes in vocabulary order, at most 2,048 tokens, quantile-binned values.
+        How a cell becomes a sequence, see :class:`~scmamba2_scvi.data.Tokenizer` (``mode``:
+        ``"expressed"`` or ``"full"``). Default: expressed genes in vocabulary order, at most
+        2,048 tokens, quantile-binned values.
     min_gene_fraction
         Least share of the model's vocabulary an AnnData must hold (``MappingReport.coverage``):
-        weighted by how often each gene is expressed in the training data, so missing rarely
-        expressed genes costs little. A superset of the vocabulary passes; a dataset holding
-        few of the model's genes is refused. Can also be passed to each inference method.
+        weighted by how often each gene is expressed in the training data when the vocabulary
+        recorded it (a model built from ``adata``; a pretrained backbone's vocabulary counts
+        plain genes), so missing rarely expressed genes costs little. A superset of the
+        vocabulary passes; a dataset holding few of the model's genes is refused. Can also be
+        passed to each inference method.
     vocab
         Gene vocabulary (a :class:`~scmamba2_scvi.data.GeneVocab` or its ``to_dict()``); default:
         built from ``adata``. Saved with the model, so other data can be mapped onto it.
@@ -379,7 +387,7 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         library_decoder: bool = True,
         zero_genes: int = 64,
         gene_init: Literal["pca", "random"] = "pca",
-        mode: Literal["expressed", "full", "genes"] = "expressed",
+        mode: Literal["expressed", "full"] = "expressed",
         max_len: int | None = 2048,
         gene_order: Literal["vocab", "genomic", "expression", "random"] = "vocab",
         subsample: Literal["random", "top"] = "random",
@@ -395,6 +403,8 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
             raise ValueError("SCMamba2 needs an AnnData registered with SCMamba2.setup_anndata.")
         if preset not in PRESETS:
             raise ValueError(f"Unknown preset {preset!r}; choose one of {list(PRESETS)}.")
+        if mode not in ("expressed", "full"):  # the Tokenizer's "genes" needs a list we never pass
+            raise ValueError(f"SCMamba2 reads mode 'expressed' or 'full'; got {mode!r}.")
         super().__init__(adata)
         setup = self.adata_manager.registry["setup_args"]
         if vocab is None:
@@ -471,7 +481,9 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         Parameters
         ----------
         adata
-            Cells x genes. Not modified except for scvi-tools' registry columns in ``obs``.
+            Cells x genes. Not modified except for scvi-tools' registry: ``obs`` columns
+            ``_scvi_batch`` and ``_scvi_labels``, ``uns`` keys ``_scvi_uuid`` and
+            ``_scvi_manager_uuid``.
         layer
             Layer holding raw counts; ``None`` uses ``adata.X``.
         batch_key
@@ -627,7 +639,11 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
             packed, which is how a model without DSBN is trained); ``None``: only
             ``batch_size`` bounds a minibatch.
         early_stopping
-            Stop when the validation loss stops improving.
+            Stop when scvi-tools' ``elbo_validation`` (here the reconstruction terms on the
+            validation cells: GEP, GEPC and its zero head) stops improving for
+            ``early_stopping_patience`` epochs (scvi-tools' default 45; pass it, or
+            ``early_stopping_monitor``, among the trainer arguments). The annotation recipe
+            keeps its best epoch by validation macro-F1 whether or not this is on.
         plan_kwargs
             :class:`~scmamba2_scvi.model.SCMamba2TrainingPlan` arguments: ``lr``,
             ``weight_decay``, ``warmup_ratio``, the recipe switches ``class_balance``,
@@ -819,8 +835,9 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
     ) -> np.ndarray:
         """Cell embeddings, deterministic in eval mode.
 
-        The mean of the encoder's outputs over each cell's tokens (or the output at ``<cls>``
-        for a model with ``cell_embedding="cls"``).
+        The encoder's outputs pooled over each cell's tokens as the model's ``cell_embedding``
+        says: weighted by each token's input value (the default, ``"weighted"``), their plain
+        mean (``"mean"``) or the output at ``<cls>`` (``"cls"``).
 
         Parameters
         ----------
@@ -1139,7 +1156,8 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         gene_key
             ``var`` column of the query with gene IDs or symbols; default ``var_names``.
         min_gene_fraction
-            Fewest fraction of the query's genes that must map (default: the reference's).
+            Least share of the reference's vocabulary the query must hold
+            (``MappingReport.coverage``); default: the reference's.
         accelerator, device
             Where to put the model.
 

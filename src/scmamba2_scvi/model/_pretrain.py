@@ -500,6 +500,9 @@ def pretrain(
         Architecture: a preset of :class:`~scmamba2_scvi.model.SCMamba2` and any of its
         keyword-only arguments (``d_model``, ``mode``, ``max_len``, ``mask_ratio``,
         ``backend``...). An unknown name raises a :class:`TypeError` before any data is read.
+        Pretraining starts the gene embeddings from ``N(0, 1)`` (no ``gene_init="pca"``: the
+        corpus is read as a stream) and draws no non-expressed genes (``zero_genes``): with
+        ``mode="expressed"``, GEPC's zero-probability head learns only in fine-tuning.
     batch_size
         Cells per step on each rank (the most, with ``token_budget``).
     token_budget

@@ -37,7 +37,7 @@ def embed(
     batch_size
         Cells per minibatch.
     min_gene_fraction
-        Least share of the model's vocabulary ``adata`` must hold (expression-weighted, see
+        Least share of the model's vocabulary ``adata`` must hold (see
         :class:`~scmamba2_scvi.SCMamba2`); default: the model's.
     copy
         Return a modified copy instead of writing into ``adata``.
@@ -78,7 +78,7 @@ def annotate(
     batch_size
         Cells per minibatch.
     min_gene_fraction
-        Least share of the model's vocabulary ``adata`` must hold (expression-weighted, see
+        Least share of the model's vocabulary ``adata`` must hold (see
         :class:`~scmamba2_scvi.SCMamba2`); default: the model's.
     copy
         Return a modified copy instead of writing into ``adata``.
@@ -132,7 +132,7 @@ def reconstruct(
     batch_size
         Cells per minibatch.
     min_gene_fraction
-        Least share of the model's vocabulary ``adata`` must hold (expression-weighted, see
+        Least share of the model's vocabulary ``adata`` must hold (see
         :class:`~scmamba2_scvi.SCMamba2`); default: the model's.
     copy
         Return a modified copy instead of writing into ``adata``.
