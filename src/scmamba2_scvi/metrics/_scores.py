@@ -268,14 +268,18 @@ def graph_connectivity(nn: Neighbors | np.ndarray, labels) -> float:
     return float(np.mean(scores))
 
 
+def _arpack_start(n: int) -> np.ndarray:
+    """ARPACK's start vector for an ``n``-row problem: fixed, as ARPACK's own is stateful."""
+    return np.random.default_rng(0).uniform(-1, 1, n)
+
+
 def _diffusion_neighbors(conn: sparse.csr_matrix, k: int, n_comps: int) -> Neighbors:
     """Neighbours in a multiscale diffusion map of a connectivity graph (scib-metrics' kBET)."""
     q = np.asarray(conn.sum(0)).ravel()
     K = sparse.diags(1 / q) @ conn @ sparse.diags(1 / q)  # density normalisation
     z = np.sqrt(np.asarray(K.sum(0)).ravel())
     T = (sparse.diags(1 / z) @ K @ sparse.diags(1 / z)).astype(np.float64)
-    v0 = np.random.default_rng(0).uniform(-1, 1, T.shape[0])  # ARPACK's own start is stateful
-    evals, evecs = eigsh(T, k=min(T.shape[0] - 1, n_comps), which="LM", v0=v0)
+    evals, evecs = eigsh(T, k=min(T.shape[0] - 1, n_comps), which="LM", v0=_arpack_start(len(q)))
     evals = evals.astype(np.float32) + np.float32(1e-8)
     with np.errstate(divide="ignore"):
         scale = np.where(evals == 1, evals, evals / (1 - evals))
