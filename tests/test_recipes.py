@@ -9,7 +9,7 @@ from sklearn.metrics import f1_score
 
 from helpers import FAST, TINY, synthetic
 from scmamba2_scvi import SCMamba2
-from scmamba2_scvi.model import _trainingplan
+from scmamba2_scvi.model import _model, _trainingplan
 from scmamba2_scvi.model._trainingplan import (
     SCMamba2TrainingPlan,
     class_balance_weights,
@@ -264,3 +264,22 @@ def test_recipes_off_without_keys_and_user_kwargs_win():
     assert model.module.token_norm.n_domains == 1
     model.train(max_steps=1, batch_size=32, **FAST)
     assert "dar_weight" not in model.trainer.lightning_module.loss_kwargs
+
+
+@pytest.mark.parametrize("batch_key", [None, "batch"])
+def test_default_epochs_budget_cell_passes(batch_key):
+    """Without ``max_epochs``: 20,000 cell passes, five times that for integration."""
+    adata = synthetic(n_cells=3000)
+    SCMamba2.setup_anndata(adata, batch_key=batch_key)
+    model = SCMamba2(adata, **TINY)
+    model.train(max_steps=1, batch_size=32, **FAST)
+    passes = 100_000 if batch_key else 20_000
+    assert model.trainer.max_epochs == passes // 3000
+    model.train(max_epochs=2, max_steps=1, batch_size=32, **FAST)
+    assert model.trainer.max_epochs == 2
+
+
+def test_default_epochs_clipped_to_5_and_50():
+    assert _model._default_epochs(10**6, integration=True) == 5
+    assert _model._default_epochs(100, integration=False) == 50
+    assert _model._default_epochs(0, integration=False) == 50
