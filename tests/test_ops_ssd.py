@@ -132,6 +132,21 @@ def test_fp32_close_to_fp64_oracle():
     torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-4)
 
 
+def test_strong_decay_stays_finite_in_fp32():
+    """Log-decays far below fp32's exp range (down to -160 per token): output and gradients
+    stay finite and match the oracle; the masked (future) entries must not overflow."""
+    x, dt, A, B, C = make_case(1, 96, 2, 8, 1, 4, torch.float64, seed=21)
+    dt = dt * 20.0  # up to 10
+    A = A * 8.0  # down to -16
+    seq_idx = torch.tensor([[0] * 40 + [1] * 56], dtype=torch.int32)
+    y_ref, _ = naive_scan(x, dt, A, B, C, seq_idx=seq_idx)
+    inputs = [t.float().requires_grad_() for t in (x, dt, A, B, C)]
+    y = ssd_scan(*inputs, chunk_size=32, seq_idx=seq_idx)
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-4)
+    y.square().sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in inputs)
+
+
 def test_bf16_input_returns_bf16_and_accumulates_in_fp32():
     x, dt, A, B, C = make_case(1, 256, 4, 16, 1, 32, torch.float64, seed=9)
     bf = [t.bfloat16() for t in (x, dt, A, B, C)]

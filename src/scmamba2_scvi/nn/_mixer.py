@@ -213,7 +213,9 @@ class Mamba2Mixer(_MixerBase):
         conv = depthwise_conv1d(
             conv_in, self.conv1d.weight[:, 0], self.conv1d.bias, seq_idx=conv_idx
         )
-        x, B, C = F.silu(conv[:, conv.shape[1] - seqlen :]).split([self.d_inner, gn, gn], -1)
+        # in place where no graph is kept (inference, and the forward pass of recomputed blocks)
+        act = F.silu(conv[:, conv.shape[1] - seqlen :], inplace=not torch.is_grad_enabled())
+        x, B, C = act.split([self.d_inner, gn, gn], -1)
         y = self._scan(
             x,
             dt,

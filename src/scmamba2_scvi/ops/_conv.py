@@ -62,7 +62,9 @@ def _taps(x: torch.Tensor, weight: torch.Tensor, left: int, dtype: torch.dtype) 
     for j in range(weight.shape[-1]):
         o = j - left  # tap j of token t reads token t + o
         if o and abs(o) < seqlen:
-            y[:, max(0, -o) : seqlen - max(0, o)] += x[:, max(0, o) : seqlen - max(0, -o)] * w[:, j]
+            y[:, max(0, -o) : seqlen - max(0, o)].addcmul_(
+                x[:, max(0, o) : seqlen - max(0, -o)], w[:, j]
+            )
     return y
 
 

@@ -210,19 +210,22 @@ def _ssd_chunked(x, dt, A, B, C, D, chunk_size, initial_state, seq_idx, return_f
     a_cum = (dt * A.view(g, hg, 1, 1)).cumsum(-1)  # (b, g, k, c, q) log-decay, cumulative in chunk
 
     # 1. Within each chunk: masked "attention" C_l . B_s * exp(a_cum[l] - a_cum[s]) for s <= l.
+    # The mask goes on the scores, which a group's heads share; the log-decay is clamped at 0,
+    # which changes only masked entries (s > l) and keeps their exp finite.
     causal = torch.tril(torch.ones(q, q, dtype=torch.bool, device=x.device))
     if seg is not None:
-        seg = seg[:, None, None]  # (b, 1, 1, c, q)
+        seg = seg[:, None]  # (b, 1, c, q)
         causal = causal & (seg[..., :, None] == seg[..., None, :])
-    decay = (a_cum[..., :, None] - a_cum[..., None, :]).masked_fill(~causal, float("-inf")).exp()
-    cb = (C @ B.transpose(-1, -2))[:, :, None]  # (b, g, 1, c, q, q), shared by a group's heads
+        seg = seg[:, None]  # (b, 1, 1, c, q), as a_cum
+    cb = (C @ B.transpose(-1, -2)).masked_fill_(~causal, 0.0)[:, :, None]  # (b, g, 1, c, q, q)
+    decay = (a_cum[..., :, None] - a_cum[..., None, :]).clamp(max=0.0).exp_()
     y = (cb * decay) @ xdt  # (b, g, k, c, q, p)
 
     # 2. State contributed by each chunk at its end, stored as (d_state, head_dim).
     to_end = (a_cum[..., -1:] - a_cum).exp()
     if seg is not None:
         to_end = to_end * (seg == seg[..., -1:])
-    states = B.transpose(-1, -2)[:, :, None] @ (xdt * to_end[..., None])  # (b, g, k, c, n, p)
+    states = (B[:, :, None] * to_end[..., None]).transpose(-1, -2) @ xdt  # (b, g, k, c, n, p)
     states = states.reshape(b, h, nc, n * p)
 
     # 3. Pass states across chunks: S_c = exp(a_c) * S_{c-1} + states_c, in groups of chunks.
@@ -242,13 +245,12 @@ def _ssd_chunked(x, dt, A, B, C, D, chunk_size, initial_state, seq_idx, return_f
     from_start = a_cum.exp()
     if seg is not None:
         from_start = from_start * (seg == prev_end[..., None])
-    y = y + (C[:, :, None] @ entering) * from_start[..., None]
+    y = y.add_((C[:, :, None] * from_start[..., None]) @ entering)
+    if D is not None:  # the skip, still head-major: x needs no copy back to token-major
+        D = D.to(cdt).view(g, hg, 1, 1, -1)
+        y = y.addcmul_(x, D)
 
     y = y.permute(0, 3, 4, 1, 2, 5).reshape(b, nc * q, h, p)[:, :seqlen]
-    if D is not None:
-        D = D.to(cdt)
-        x = x.permute(0, 3, 4, 1, 2, 5).reshape(b, nc * q, h, p)[:, :seqlen]
-        y = y + x * (D[:, None] if D.dim() == 1 else D)
     s_prev = s_prev.view(b, h, n, p).transpose(-1, -2)
     y = y.to(out_dtype)
     if return_final_state:
