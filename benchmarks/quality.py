@@ -1,9 +1,8 @@
 """Quality of SCMamba2 against the classic baselines on real data from ../shared/data.
 
 Every model is trained from scratch in the same run on this CPU (not run in CI); SCMamba2 uses
-the ``cpu-small`` preset and the defaults for its task (only ``max_epochs`` is chosen here, for
-the tasks other than integration, so that each model trains in 10 to 20 minutes on 2 cores; no
-``plan_kwargs``). Tasks:
+the ``cpu-small`` preset and the defaults for its task, ``train()``'s epochs included (no
+``max_epochs``, no ``plan_kwargs``; ``--epochs`` overrides them). Tasks:
 
 - annotation, pbmc3k (stratified 80/20): accuracy and macro-F1 of SCMamba2, scANVI (test cells
   unlabelled) and logistic regression on PCA;
@@ -103,11 +102,9 @@ class Config:
     seed: int = 0  # of the SCMamba2 models (the baselines keep 0)
 
 
-# Seconds per epoch of the 2026-11-24 run (2 cores, max_len 1024, 2,000 HVG), 1.6 times faster
-# since the efficiency work (results/train_efficiency_cpu.md): each model near 10 minutes.
-# Integration (None) trains for train()'s default, which is longer for that recipe (50 epochs
-# for kang2018's 1,975 cells, near 17 minutes).
-FULL_EPOCHS = {"annotation": 8, "integration": None, "trajectory": 4, "reconstruction": 24}
+# None: train()'s default epochs, what a user gets (on these 1,975 to 2,660 cells 7 to 10 epochs,
+# and 50 for the integration recipe, near 17 minutes on 2 cores).
+FULL_EPOCHS = {"annotation": None, "integration": None, "trajectory": None, "reconstruction": None}
 # Reconstruction is scored on log1p values per 10,000: the model predicts in that space.
 TASK_MODEL = {"reconstruction": {"value_transform": "log1p"}}
 QUICK = {"scvi_epochs": 2, "scanvi_epochs": 1, "max_len": 64, "n_hvg": 300, "n_cells": 200}
@@ -209,7 +206,7 @@ def trainer_kwargs() -> dict:
     return {"accelerator": "cpu", "enable_progress_bar": False}
 
 
-def fit_scmamba2(adata, keys: dict, epochs: int, cfg: Config, model: dict, plan: dict):
+def fit_scmamba2(adata, keys: dict, epochs: int | None, cfg: Config, model: dict, plan: dict):
     """SCMamba2 from scratch with this task's defaults (or one option changed); (model, s)."""
     import scvi
 
@@ -223,7 +220,7 @@ def fit_scmamba2(adata, keys: dict, epochs: int, cfg: Config, model: dict, plan:
     return net, time.perf_counter() - t0
 
 
-def finetune_scmamba2(adata, keys: dict, epochs: int, cfg: Config, pretrained: Path):
+def finetune_scmamba2(adata, keys: dict, epochs: int | None, cfg: Config, pretrained: Path):
     """The pretrained backbone put on ``adata`` and trained as :func:`fit_scmamba2`; (model, s)."""
     import scvi
 
