@@ -5,7 +5,7 @@ import io
 import pytest
 import torch
 
-from scmamba2_scvi.nn import BiMamba2Encoder, Mamba2Mixer, flip, reverse_index
+from scmamba2_scvi.nn import BiMamba2Encoder, Mamba2Mixer, RMSNorm, flip, reverse_index
 
 BIDIRECTIONAL = ["shared_flip", "hydra"]
 
@@ -18,6 +18,34 @@ def small_encoder(bidirectional, **kw):
 
 def rand(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("grad", [False, True])
+def test_rmsnorm_matches_formula_and_leaves_inputs(gated, grad):
+    """Grouped, gated RMSNorm against its formula written out, values and gradients; the
+    caller's tensors are not modified (the norm computes partly in place)."""
+    norm = RMSNorm(12, group_size=4).double()
+    with torch.no_grad():
+        norm.weight.copy_(rand(12, seed=3))
+    x, z = rand(2, 5, 12, seed=1), rand(2, 5, 12, seed=2)
+    x0, z0 = x.clone(), z.clone()
+    xs = [t.clone().requires_grad_(grad) for t in (x, z)]
+    with torch.set_grad_enabled(grad):
+        out = norm(xs[0], xs[1] if gated else None)
+    v = (x * torch.nn.functional.silu(z) if gated else x).view(2, 5, 3, 4)
+    ref = (v / (v.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()).view(2, 5, 12) * norm.weight
+    torch.testing.assert_close(out, ref)
+    assert torch.equal(xs[0].detach(), x0) and torch.equal(xs[1].detach(), z0)
+    if grad:
+        out.square().sum().backward()
+        rx, rz = (t.clone().requires_grad_() for t in (x, z))
+        v = (rx * torch.nn.functional.silu(rz) if gated else rx).view(2, 5, 3, 4)
+        r = (v / (v.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()).view(2, 5, 12)
+        (r * norm.weight.detach()).square().sum().backward()
+        torch.testing.assert_close(xs[0].grad, rx.grad)
+        if gated:
+            torch.testing.assert_close(xs[1].grad, rz.grad)
 
 
 @pytest.mark.parametrize("bidirectional", BIDIRECTIONAL)

@@ -41,10 +41,11 @@ class RMSNorm(nn.Module):
         cdt = torch.promote_types(dtype, torch.float32)  # at least float32, float64 stays
         x = x.to(cdt)
         if z is not None:
-            x = x * F.silu(z.to(cdt))
+            x = F.silu(z.to(cdt)).mul_(x)
         xg = x.unflatten(-1, (-1, self.group_size))
+        # in place only on the product, a fresh tensor (x may be the caller's input)
         xg = xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xg.flatten(-2) * self.weight.to(cdt)).to(dtype)
+        return xg.flatten(-2).mul_(self.weight.to(cdt)).to(dtype)
 
 
 def _init_ssm_params(

@@ -218,11 +218,11 @@ def _ssd_chunked(x, dt, A, B, C, D, chunk_size, initial_state, seq_idx, return_f
         causal = causal & (seg[..., :, None] == seg[..., None, :])
         seg = seg[:, None]  # (b, 1, 1, c, q), as a_cum
     cb = (C @ B.transpose(-1, -2)).masked_fill_(~causal, 0.0)[:, :, None]  # (b, g, 1, c, q, q)
-    decay = (a_cum[..., :, None] - a_cum[..., None, :]).clamp(max=0.0).exp_()
+    decay = (a_cum[..., :, None] - a_cum[..., None, :]).clamp_(max=0.0).exp_()
     y = (cb * decay) @ xdt  # (b, g, k, c, q, p)
 
     # 2. State contributed by each chunk at its end, stored as (d_state, head_dim).
-    to_end = (a_cum[..., -1:] - a_cum).exp()
+    to_end = (a_cum[..., -1:] - a_cum).exp_()
     if seg is not None:
         to_end = to_end * (seg == seg[..., -1:])
     states = (B[:, :, None] * to_end[..., None]).transpose(-1, -2) @ xdt  # (b, g, k, c, n, p)
