@@ -13,13 +13,15 @@ memory is its own and both versions see the same machine load. Measured on pbmc3
   each step as in training (it keeps the mixers' intermediates where a step is small), and
   without it (recomputed);
 - ``embed``: ``get_latent_representation`` cells/s;
+- each ``train``/``embed`` result names the ``dtype`` of the encoder's matrix products: each
+  version runs at its defaults (this checkout: ``precision="auto"``, bfloat16 where it is faster);
 - ``layer``: one bidirectional layer (d_model 256), forward + backward at 4,096 and 65,536 tokens;
 - ``full_cell``: the ``default`` preset trained on one 60,000-token cell (``mode="full"``);
 - ``demo``: ``scmamba2 demo`` with its defaults, from before the package is imported to its
   end: seconds, peak resident memory, and its held-out macro-F1 and accuracy (each version's
   own defaults: the base's demo trains with the base's epochs and batch size);
-- ``bf16`` (and ``compile`` with ``--compile``): this checkout only, bf16 autocast and
-  ``torch.compile``.
+- ``fp32`` and ``bf16`` rows (and ``compile`` with ``--compile``): this checkout only, with the
+  precision pinned, and ``torch.compile``.
 
 Peak memory on CPU is the process's peak resident set (``VmHWM`` after a reset through
 ``/proc/self/clear_refs``): approximate, since the allocator keeps freed memory. Timings on a
@@ -99,7 +101,7 @@ def _model(p: dict):
     SCMamba2.setup_anndata(adata, labels_key=labels)
     torch.manual_seed(0)
     kwargs = {"mode": "full", "max_len": None} if p.get("full_genes") else {}
-    model = SCMamba2(adata, preset=p["preset"], **kwargs)
+    model = SCMamba2(adata, preset=p["preset"], **kwargs, **p.get("model", {}))
     rng = np.random.default_rng(0)
     return model, adata, rng.permutation(adata.n_obs)
 
@@ -207,6 +209,7 @@ def _train(p: dict) -> dict:
         "cells_per_s": round(bs / step_s, 2),
         "model_gflop_per_step": round(flops / 1e9, 2),
         "achieved_gflops": round(flops / step_s / 1e9, 2),
+        "dtype": _dtype(module),
     }
 
 
@@ -227,7 +230,18 @@ def _embed(p: dict) -> dict:
     model.get_latent_representation(adata[order[:32]])  # warm-up
     t0 = time.perf_counter()
     model.get_latent_representation(adata[order[32 : 32 + n]])
-    return {"cells_per_s": round(n / (time.perf_counter() - t0), 2)}
+    return {"cells_per_s": round(n / (time.perf_counter() - t0), 2), "dtype": _dtype(model.module)}
+
+
+def _dtype(module) -> str:
+    """The dtype of the encoder's matrix products on CPU (float32 in a base without precision)."""
+    import torch
+
+    encoder = module.encoder
+    if hasattr(encoder, "compute_dtype"):
+        return str(encoder.compute_dtype(torch.device("cpu"))).removeprefix("torch.")
+    precision = getattr(encoder, "precision", "fp32")
+    return {"bf16": "bfloat16", "fp32": "float32"}.get(precision, precision)
 
 
 def _layer(p: dict) -> dict:
@@ -382,10 +396,18 @@ def plan(quick: bool, data: str, compile_: bool) -> list[tuple[str, str, dict, b
         ("layer 4096", "layer", {"length": 4096, "repeats": 2}, True),
         # the base needs ~10 GB here (encoder_scaling_cpu.md): this checkout only
         (f"layer {long}", "layer", {"length": long, "repeats": 1}, False),
+        # the rows above run each version at its defaults (here precision="auto"); these pin it
         (
-            "train default bf16",
+            "train default fp32",
             "train",
-            {"preset": "default", "batch_size": 16, "steps": 3, "precision": "bf16"},
+            {"preset": "default", "batch_size": 16, "steps": 3, "precision": "fp32"},
+            False,
+        ),
+        ("embed default", "embed", {"preset": "default", "n_cells": 128}, True),
+        (
+            "embed default fp32",
+            "embed",
+            {"preset": "default", "n_cells": 128, "precision": "fp32"},
             False,
         ),
         (
@@ -427,6 +449,7 @@ def summarize(rows: dict) -> dict:
         ("train cpu-small", "cells_per_s"),
         ("train default", "cells_per_s"),
         ("embed cpu-small", "cells_per_s"),
+        ("embed default", "cells_per_s"),
         ("train cpu-small b16", "cells_per_s"),
         ("demo", "wall_s"),
     ):
@@ -449,25 +472,24 @@ def summarize(rows: dict) -> dict:
             if achieved and rate:
                 out[f"{version}: {name} MFU fp32"] = round(achieved / rate["fp32_gflops"], 4)
                 out[f"{version}: {name} MFU bf16"] = round(achieved / rate["bf16_gflops"], 4)
-    for name, key in (
-        ("train default", "cells_per_s"),
-        ("train cpu-small", "cells_per_s"),
-        ("embed cpu-small", "cells_per_s"),
-    ):
-        fp32, bf16 = get(name, "current", key), get(f"{name} bf16", "current", key)
-        if fp32 and bf16:
-            out[f"current: {name} bf16/fp32 {key}"] = round(bf16 / fp32, 3)
-        before = get(name, "base", key)
-        if before and bf16:
-            out[f"{name} bf16 (current) / fp32 (base) {key}"] = round(bf16 / before, 3)
-        loss32, loss16 = (
-            get(name, "current", "first_loss"),
-            get(f"{name} bf16", "current", "first_loss"),
-        )
-        if loss32 and loss16:
-            out[f"current: {name} bf16 vs fp32 first loss, relative"] = round(
-                abs(loss16 - loss32) / abs(loss32), 5
+    key = "cells_per_s"
+    for name in ("train default", "embed default", "train cpu-small", "embed cpu-small"):
+        auto, dtype = get(name, "current", key), get(name, "current", "dtype")
+        for variant in ("fp32", "bf16"):
+            other = get(f"{name} {variant}", "current", key)
+            if auto and other:
+                out[f"current: {name} ({dtype}) / {variant} {key}"] = round(auto / other, 3)
+            loss, loss_v = (
+                get(name, "current", "first_loss"),
+                get(f"{name} {variant}", "current", "first_loss"),
             )
+            if loss and loss_v and loss != loss_v:
+                out[f"current: {name} ({dtype}) vs {variant} first loss, relative"] = round(
+                    abs(loss - loss_v) / abs(loss_v), 5
+                )
+        before, fp32 = get(name, "base", key), get(f"{name} fp32", "current", key)
+        if before and fp32:
+            out[f"{name} fp32 (current) / base {key}"] = round(fp32 / before, 3)
     for key in ("cells_per_s", "peak_mb"):
         guarded = get("train cpu-small b16", "current", key)
         recomputed = get("train cpu-small b16 recompute", "current", key)

@@ -3,21 +3,44 @@
 import pytest
 import torch
 
-from scmamba2_scvi.nn import BiMamba2Encoder, bf16_pays, resolve_precision
+from scmamba2_scvi.module import SCMamba2Module
+from scmamba2_scvi.nn import BF16_MIN_WIDTH, BiMamba2Encoder, _precision
 
 # Stated tolerance of the bf16 path: relative error of embeddings and of the loss.
 EMBEDDING_RTOL, LOSS_RTOL = 3e-2, 2e-2
 
 
-def test_resolve_precision():
+def test_compute_dtype_resolves_auto_by_width_and_hardware(monkeypatch):
     cpu = torch.device("cpu")
-    assert resolve_precision("fp32", cpu) == torch.float32
-    assert resolve_precision("bf16", cpu) == torch.bfloat16
-    auto = torch.bfloat16 if bf16_pays("cpu") else torch.float32
-    assert resolve_precision("auto", cpu) == auto
-    assert not bf16_pays("mps")
+    narrow, wide = BiMamba2Encoder(32, 1, d_state=8, head_dim=8), BiMamba2Encoder(256, 1)
+    assert narrow.compute_dtype(cpu) == torch.float32  # the building block's default: fp32
+    narrow.precision = "bf16"
+    assert narrow.compute_dtype(cpu) == torch.bfloat16
+    narrow.precision = wide.precision = "auto"
+    monkeypatch.setattr(_precision, "cpu_has_native_bf16", lambda: True)
+    assert BF16_MIN_WIDTH > 32 and wide.d_model >= BF16_MIN_WIDTH
+    assert wide.compute_dtype(cpu) == torch.bfloat16
+    assert narrow.compute_dtype(cpu) == torch.float32
+    for device in ("cuda", "meta"):  # on a GPU the caller's precision decides
+        assert wide.compute_dtype(torch.device(device)) == torch.float32
+    monkeypatch.setattr(_precision, "cpu_has_native_bf16", lambda: False)
+    assert wide.compute_dtype(cpu) == torch.float32  # emulated bf16 is never chosen
     with pytest.raises(ValueError, match="'auto', 'fp32' or 'bf16'"):
-        resolve_precision("fp16", cpu)
+        BiMamba2Encoder(32, 1, precision="fp16")
+    module = SCMamba2Module(10, d_model=16, n_layers=1, d_state=8, head_dim=8)
+    assert module.encoder.precision == "auto"  # the model's default
+
+
+def test_auto_runs_the_wide_encoder_under_bf16_autocast(monkeypatch):
+    monkeypatch.setattr(_precision, "cpu_has_native_bf16", lambda: True)
+    torch.manual_seed(0)
+    enc = BiMamba2Encoder(256, 1, d_state=16, head_dim=64)
+    x = torch.randn(1, 40, 256)
+    out = {}
+    for precision in ("fp32", "bf16", "auto"):
+        enc.precision = precision
+        out[precision] = enc(x)
+    assert torch.equal(out["auto"], out["bf16"]) and not torch.equal(out["auto"], out["fp32"])
 
 
 def test_bf16_embeddings_and_loss_within_tolerance_of_fp32():

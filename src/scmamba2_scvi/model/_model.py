@@ -312,8 +312,11 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
     d_conv, n_groups, chunk_size, bidirectional, ffn, dropout, backend
         Encoder options, see :class:`~scmamba2_scvi.nn.BiMamba2Encoder`.
     precision
-        Encoder arithmetic on CPU: ``"fp32"``, ``"bf16"`` (autocast) or ``"auto"`` (bfloat16
-        where this machine runs it faster, see :func:`~scmamba2_scvi.nn.bf16_pays`). On a GPU,
+        Encoder arithmetic on CPU: ``"fp32"``, ``"bf16"`` (autocast) or ``"auto"``: bfloat16
+        on CPUs with native bfloat16 (AVX512-BF16 or AMX) for encoders at least
+        :data:`~scmamba2_scvi.nn.BF16_MIN_WIDTH` wide (the ``"default"`` preset and larger,
+        where it trains faster; not ``"cpu-small"``), float32 otherwise. Pass ``"fp32"`` for
+        the same arithmetic on every machine. On a GPU,
         training runs in Lightning's ``"bf16-mixed"`` precision (pass ``precision="32-true"`` to
         :meth:`train` for float32) and inference under bfloat16 autocast, whatever this says.
     n_bins
@@ -388,7 +391,7 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         ffn: bool = False,
         dropout: float = 0.1,
         backend: Backend = "auto",
-        precision: Literal["auto", "fp32", "bf16"] = "fp32",
+        precision: Literal["auto", "fp32", "bf16"] = "auto",
         value_encoding: Literal["continuous", "categorical"] = "continuous",
         n_bins: int = 51,
         dsbn: bool | None = None,

@@ -127,8 +127,8 @@ class SCMamba2Module(BaseModuleClass):
     backend
         SSD backend, see :func:`scmamba2_scvi.ops.ssd_scan`.
     precision
-        Encoder precision: ``"fp32"``, ``"bf16"`` (autocast) or ``"auto"`` (bfloat16 where the
-        hardware runs it faster), see :class:`~scmamba2_scvi.nn.BiMamba2Encoder`.
+        Encoder precision: ``"fp32"``, ``"bf16"`` (autocast) or ``"auto"`` (bfloat16 where it
+        makes the encoder faster, see :func:`~scmamba2_scvi.nn.bf16_pays`).
     value_encoding
         ``"continuous"`` or ``"categorical"`` value embedding.
     n_bins
@@ -182,7 +182,7 @@ class SCMamba2Module(BaseModuleClass):
         dropout: float = 0.1,
         checkpointing: bool = False,
         backend: Backend = "auto",
-        precision: Literal["auto", "fp32", "bf16"] = "fp32",
+        precision: Literal["auto", "fp32", "bf16"] = "auto",
         value_encoding: Literal["continuous", "categorical"] = "continuous",
         n_bins: int = 51,
         dsbn: bool = False,

@@ -12,9 +12,10 @@ from ._heads import (
     ValueEncoder,
 )
 from ._mixer import HydraMixer, Mamba2Mixer, RMSNorm, flip, reverse_index
-from ._precision import bf16_pays, resolve_precision
+from ._precision import BF16_MIN_WIDTH, bf16_pays
 
 __all__ = [
+    "BF16_MIN_WIDTH",
     "MASK_VALUE",
     "PAD_VALUE",
     "BiMamba2Block",
@@ -30,6 +31,5 @@ __all__ = [
     "ValueEncoder",
     "bf16_pays",
     "flip",
-    "resolve_precision",
     "reverse_index",
 ]

@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from scmamba2_scvi.ops import Backend, bidirectional_blocks, segment_ids
 
 from ._mixer import HydraMixer, Mamba2Mixer, RMSNorm, reverse_index
-from ._precision import Precision, autocast
+from ._precision import Precision, autocast, bf16_pays
 
 Bidirectional = Literal["shared_flip", "hydra"]
 
@@ -178,8 +178,8 @@ class BiMamba2Encoder(nn.Module):
         stays flat as sequences grow. ``None`` disables it. Not used on GPU or by ``"hydra"``.
     precision
         ``"fp32"``; ``"bf16"``: bfloat16 autocast inside the encoder (its output stays float32);
-        ``"auto"``: bfloat16 where the hardware runs it faster (see
-        :func:`~scmamba2_scvi.nn.bf16_pays`), else float32.
+        ``"auto"``: bfloat16 where it makes this encoder faster, else float32 (see
+        :meth:`compute_dtype`).
 
     Examples
     --------
@@ -284,8 +284,18 @@ class BiMamba2Encoder(nn.Module):
                 raise ValueError(
                     "key_padding_mask must pad on the right only (real tokens first, then padding)."
                 )
-        with autocast(self.precision, x.device):
+        with autocast(self.compute_dtype(x.device), x.device):
             return self._microbatches(x, key_padding_mask, seq_idx)
+
+    def compute_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype the encoder's matrix products run in on ``device`` (``precision`` resolved).
+
+        ``"auto"`` is bfloat16 where :func:`~scmamba2_scvi.nn.bf16_pays` says so for this
+        encoder's width, else float32.
+        """
+        if self.precision == "auto":
+            return torch.bfloat16 if bf16_pays(self.d_model, device.type) else torch.float32
+        return torch.bfloat16 if self.precision == "bf16" else torch.float32
 
     def _microbatches(self, x, key_padding_mask, seq_idx) -> torch.Tensor:
         b, seqlen = x.shape[:2]

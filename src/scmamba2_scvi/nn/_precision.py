@@ -2,26 +2,26 @@
 
 Under bfloat16 autocast the projections and the scan's matrix products run in bfloat16 (with
 float32 accumulation); cumulative sums, exponentials, norms and the state carried between blocks
-stay in float32. On CPU this pays only with native bfloat16 instructions (AVX512-BF16 or AMX):
-elsewhere bfloat16 is emulated and slower than float32.
+stay in float32. On CPU this pays only with native bfloat16 instructions (AVX512-BF16 or AMX),
+and only for encoders wide enough that their matrix products outweigh the casts around them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import time
 from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 Precision = Literal["auto", "fp32", "bf16"]
 
-# bf16 must beat fp32 by this factor on the probe below to be chosen automatically: the casts
-# around the non-matmul parts eat part of the matmul gain in a whole step.
-_MIN_SPEEDUP = 1.5
+#: Narrowest encoder (``d_model``) that ``precision="auto"`` runs in bfloat16 on a CPU with
+#: native bfloat16: the matrix products grow with the square of the width, the casts and the
+#: element-wise work around them only linearly, and below this width a training step was no
+#: faster (``benchmarks/bf16_cpu.py``). A rule rather than a timing, so that the same model on
+#: the same machine always computes the same way.
+BF16_MIN_WIDTH = 256
 
 
 def cpu_has_native_bf16() -> bool:
@@ -33,68 +33,33 @@ def cpu_has_native_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
-@functools.cache
-def bf16_pays(device_type: str = "cpu") -> bool:
-    """Whether bfloat16 autocast is faster than float32 on this machine (decided once).
+def bf16_pays(d_model: int, device_type: str = "cpu") -> bool:
+    """Whether ``precision="auto"`` runs an encoder of width ``d_model`` under bfloat16 autocast.
 
-    CUDA: when the GPU supports bfloat16. CPU: when the CPU has native bfloat16 instructions and
-    a projection of the encoder's shape (``4096 x 256 -> 1160``) runs at least 1.5x faster
-    under bfloat16 autocast than in float32 (best of a few repeats, well under a second).
+    On CPU: when the CPU has native bfloat16 instructions and ``d_model`` is at least
+    :data:`BF16_MIN_WIDTH`. Elsewhere never: on a GPU the caller's precision decides (the model
+    trains in Lightning's ``"bf16-mixed"`` and embeds under bfloat16 autocast), and an encoder in
+    float32 leaves a surrounding autocast in force.
 
     Parameters
     ----------
+    d_model
+        Token width of the encoder.
     device_type
-        ``"cpu"`` or ``"cuda"``.
+        ``"cpu"``, ``"cuda"``, ...
 
     Returns
     -------
-    ``True`` when ``precision="auto"`` should use bfloat16.
+    ``True`` for bfloat16 autocast, ``False`` for float32.
     """
-    if device_type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device_type != "cpu" or not cpu_has_native_bf16():
-        return False
-    gen = torch.Generator().manual_seed(0)
-    x, w = torch.randn(4096, 256, generator=gen), torch.randn(1160, 256, generator=gen)
-
-    def best(enabled: bool) -> float:
-        times = []
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
-            for _ in range(4):
-                t0 = time.perf_counter()
-                F.linear(x, w)
-                times.append(time.perf_counter() - t0)
-        return min(times[1:])
-
-    return best(False) > _MIN_SPEEDUP * best(True)
+    return device_type == "cpu" and d_model >= BF16_MIN_WIDTH and cpu_has_native_bf16()
 
 
-def resolve_precision(precision: Precision, device: torch.device) -> torch.dtype:
-    """The dtype ``precision`` means on ``device``: ``"auto"`` is bfloat16 where it pays.
-
-    Parameters
-    ----------
-    precision
-        ``"fp32"``, ``"bf16"`` or ``"auto"`` (see :func:`bf16_pays`).
-    device
-        Device of the computation.
-
-    Returns
-    -------
-    ``torch.float32`` or ``torch.bfloat16``.
-    """
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16'; got {precision!r}.")
-    if precision == "bf16" or (precision == "auto" and bf16_pays(device.type)):
-        return torch.bfloat16
-    return torch.float32
-
-
-def autocast(precision: Precision, device: torch.device):
+def autocast(dtype: torch.dtype, device: torch.device):
     """Context in which the encoder runs: bfloat16 autocast, or nothing for float32.
 
     Float64 computations are never cast (autocast leaves float64 alone).
     """
-    if resolve_precision(precision, device) == torch.float32 or device.type not in ("cpu", "cuda"):
+    if dtype == torch.float32 or device.type not in ("cpu", "cuda"):
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast(device.type, dtype=dtype)
