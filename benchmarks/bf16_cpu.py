@@ -15,7 +15,7 @@ Two parts, on 2 cores of a CPU with native bfloat16 (AVX512-BF16 or AMX):
 Usage::
 
     python benchmarks/bf16_cpu.py            # writes results/bf16_cpu.{json,md}
-    python benchmarks/bf16_cpu.py --quick    # 150 cells of 256 tokens, 1 epoch, nothing written
+    python benchmarks/bf16_cpu.py --quick    # 300 cells of 256 tokens, 1 epoch, nothing written
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def train(quick: bool) -> dict:
     from scmamba2_scvi import SCMamba2
 
     adata = ad.read_h5ad(PBMC3K)
-    key, n = "cell_type", 150 if quick else 1000
+    key, n = "cell_type", 300 if quick else 1000
     keep, _ = train_test_split(
         np.arange(adata.n_obs), train_size=n, stratify=adata.obs[key], random_state=0
     )

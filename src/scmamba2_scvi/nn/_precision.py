@@ -17,10 +17,11 @@ import torch
 Precision = Literal["auto", "fp32", "bf16"]
 
 #: Narrowest encoder (``d_model``) that ``precision="auto"`` runs in bfloat16 on a CPU with
-#: native bfloat16: the matrix products grow with the square of the width, the casts and the
-#: element-wise work around them only linearly, and below this width a training step was no
-#: faster (``benchmarks/bf16_cpu.py``). A rule rather than a timing, so that the same model on
-#: the same machine always computes the same way.
+#: native bfloat16. The matrix products grow with the square of the width, the casts and the
+#: element-wise work around them only linearly: from this width on bfloat16 trained faster in
+#: every measurement (``benchmarks/bf16_cpu.py``); below it the gain varied from run to run,
+#: and the ``cpu-small`` models of the quality benchmark are float32. A rule rather than a
+#: timing, so that the same model on the same machine always computes the same way.
 BF16_MIN_WIDTH = 256
 
 
