@@ -9,6 +9,7 @@ and only for encoders wide enough that their matrix products outweigh the casts 
 from __future__ import annotations
 
 import contextlib
+import functools
 from pathlib import Path
 from typing import Literal
 
@@ -25,6 +26,7 @@ Precision = Literal["auto", "fp32", "bf16"]
 BF16_MIN_WIDTH = 256
 
 
+@functools.cache  # read once: the encoder asks at every forward pass
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU reports AVX512-BF16 or AMX-BF16 (Linux ``/proc/cpuinfo`` flags)."""
     try:
