@@ -1,5 +1,6 @@
 """Training memory guard: a batch over budget is split in the encoder, with the same result."""
 
+import ctypes
 import warnings
 
 import pytest
@@ -8,12 +9,15 @@ import torch
 from helpers import FAST, TINY, synthetic
 from scmamba2_scvi import SCMamba2
 from scmamba2_scvi.data import TokenDataLoader
+from scmamba2_scvi.module import _memory
 from scmamba2_scvi.module._memory import (
     StepMemory,
     batch_cells,
     batch_shape,
     guard_step,
     plan_groups,
+    resident_bytes,
+    return_freed_heap,
 )
 
 
@@ -117,3 +121,61 @@ def test_batch_shape_padded_and_packed():
     packed = {"genes": torch.zeros(1, 12, dtype=torch.long), "cu_seqlens": torch.tensor([0, 4, 12])}
     assert batch_shape(padded) == (5, 9) and batch_cells(padded) == 5
     assert batch_shape(packed) == (2, 8) and batch_cells(packed) == 2
+
+
+def test_freed_heap_is_returned_only_past_the_slack(monkeypatch):
+    rss, calls = [5_000], []
+
+    def trim(pad):
+        calls.append(pad)
+        rss[0] = 1_000
+
+    monkeypatch.setattr(_memory, "resident_bytes", lambda: rss[0])
+    monkeypatch.setattr(_memory, "_malloc_trim", lambda: trim)
+    assert return_freed_heap(None, slack=100) == 1_000 and calls == [0]  # first call: return
+    rss[0] = 1_100
+    assert return_freed_heap(1_000, slack=100) == 1_000 and calls == [0]  # within the slack
+    rss[0] = 1_101
+    assert return_freed_heap(1_000, slack=100) == 1_000 and calls == [0, 0]
+    monkeypatch.setattr(_memory, "_malloc_trim", lambda: None)  # no glibc: nothing, floor kept
+    assert return_freed_heap(700, slack=0) == 700
+
+
+@pytest.mark.skipif(
+    resident_bytes() is None or _memory._malloc_trim() is None, reason="needs Linux and glibc"
+)
+def test_returning_freed_heap_shrinks_the_resident_set():
+    """Every other 64 KB block freed: glibc keeps the holes, ``malloc_trim`` returns their pages."""
+    blocks = [ctypes.create_string_buffer(b"x" * 2**16, 2**16) for _ in range(4096)]  # 256 MB
+    del blocks[::2]
+    before = resident_bytes()
+    after = return_freed_heap(None, slack=0)
+    assert before - after > 64 * 2**20
+
+
+def test_guard_step_returns_freed_heap_on_cpu(model_and_batch, monkeypatch):
+    module, batch = model_and_batch[0].module, model_and_batch[1][False]
+    floors = []
+    monkeypatch.setattr(_memory, "return_freed_heap", lambda f, s: floors.append((f, s)) or 42)
+    module.__dict__.pop("_heap_floor", None)
+    guard_step(module, batch)
+    guard_step(module, batch)
+    slack = module._step_memory.peak(*batch_shape(batch))
+    assert floors == [(None, slack), (42, slack)] and module._heap_floor == 42
+
+
+def test_embedding_and_validation_return_freed_heap_first(model_and_batch, monkeypatch):
+    """After training, the heap holds the steps' freed memory: inference returns it first."""
+    import scmamba2_scvi.model._model as model_mod
+    import scmamba2_scvi.model._trainingplan as plan_mod
+
+    model = model_and_batch[0]
+    calls = []
+    for mod in (model_mod, plan_mod):
+        monkeypatch.setattr(mod, "return_freed_heap", lambda f, slack: calls.append(f) or 7)
+    model.get_latent_representation()
+    assert calls == [None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.train(max_epochs=1, batch_size=12, **FAST)
+    assert calls.count(None) >= 2 and model.module._heap_floor == 7

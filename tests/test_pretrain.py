@@ -465,3 +465,21 @@ def test_pretraining_and_fine_tuning_share_one_optimizer_definition():
     assert runs[0] == runs[1]
     expected = [2e-3 * warmup_cosine(step, 2, 40, 0.05) for step in range(40)]  # 5% warm-up
     np.testing.assert_allclose(runs[0][0], expected)
+
+
+def test_pretraining_runs_the_memory_guard(shards, tmp_path, monkeypatch):
+    """A step that fits nowhere stops with the guard's message, not with the OS killing it."""
+    from scmamba2_scvi.module import _memory
+
+    monkeypatch.setattr(_memory, "available_bytes", lambda device: 1e3)
+    with pytest.raises(MemoryError, match="max_len"):
+        pretrain(
+            shards,
+            tmp_path / "run",
+            preset="cpu-small",
+            model_kwargs=TINY,
+            batch_size=8,
+            max_epochs=1,
+            progress_bar=False,
+            accelerator="cpu",
+        )

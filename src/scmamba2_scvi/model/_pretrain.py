@@ -30,6 +30,7 @@ from scmamba2_scvi.data import (
     TokenStream,
 )
 from scmamba2_scvi.module import SCMamba2Module
+from scmamba2_scvi.module._memory import guard_step
 
 from ._model import PRESETS, SCMamba2, build_module
 from ._pretrained import save_pretrained
@@ -46,7 +47,9 @@ class PretrainPlan(pl.LightningModule):
     """Lightning module of corpus pretraining: masked expression (GEP + GEPC) on a token stream.
 
     AdamW (no decay on biases, norms, embeddings and SSM parameters) with linear warm-up and
-    cosine decay per step, as in fine-tuning (:func:`~scmamba2_scvi.model.adamw_warmup_cosine`).
+    cosine decay per step, as in fine-tuning (:func:`~scmamba2_scvi.model.adamw_warmup_cosine`),
+    and the same memory guard before every step (a batch that would not fit is encoded in
+    recomputed groups of cells, with the same loss and gradients).
     Checkpoints also hold the random states (torch, CUDA, numpy, python) and, through
     Lightning, the stream's data position.
 
@@ -94,6 +97,7 @@ class PretrainPlan(pl.LightningModule):
         """Loss of one tokenized batch; logs ``train_loss``, ``gep``, ``gepc``, ``tokens``."""
         if self.stream is not None:
             self.stream.mark_consumed(batch["step"])
+        guard_step(self.module, batch)
         out = self.module.token_loss(batch, **self.loss_kwargs)
         n_cells = int(batch["obs_index"].numel())
         n_tokens = int((~batch["key_padding_mask"]).sum())

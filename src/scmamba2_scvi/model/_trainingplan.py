@@ -14,7 +14,7 @@ from scvi import REGISTRY_KEYS
 from scvi.module.base import BaseModuleClass
 from scvi.train import TrainingPlan
 
-from scmamba2_scvi.module._memory import batch_cells, guard_step
+from scmamba2_scvi.module._memory import batch_cells, guard_step, return_freed_heap
 
 from ._utils import check_keywords
 
@@ -415,8 +415,9 @@ class SCMamba2TrainingPlan(TrainingPlan):
         return super().training_step(batch, batch_idx)
 
     def on_validation_epoch_start(self):
-        """Start collecting the validation cells' logits."""
+        """Start collecting the validation cells' logits; return the training steps' freed heap."""
         self._val_batches = []
+        self.module._heap_floor = return_freed_heap(None, slack=0)
 
     def validation_step(self, batch, batch_idx):
         """scvi-tools' validation losses; with a classifier, also the cells' logits.

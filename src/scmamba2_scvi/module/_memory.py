@@ -11,10 +11,17 @@ whole batch would change the token BatchNorm's statistics and the mask draw.
 
 The other way round, a small step keeps the mixers' intermediates instead of recomputing them
 (the encoder's ``keep_activations``): the same gradients, one forward pass fewer.
+
+On CPU the guard also hands the memory that earlier steps freed back to the operating system
+(:func:`return_freed_heap`): glibc keeps freed tensors in its heap, and as batch shapes vary it
+cannot reuse all of it, so without that the resident set creeps up step after step.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +48,50 @@ def available_bytes(device: torch.device) -> int:
         return int(re.search(r"MemAvailable:\s+(\d+) kB", meminfo).group(1)) * 1024
     except (OSError, AttributeError):  # not Linux: no estimate, no guard
         return 2**62
+
+
+def resident_bytes() -> int | None:
+    """The process's resident set, from ``/proc/self/statm``; ``None`` where there is none."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+@functools.cache
+def _malloc_trim():
+    """The C library's ``malloc_trim`` (glibc); ``None`` where it has none (macOS, musl)."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def return_freed_heap(floor: int | None, slack: float) -> int | None:
+    """Give the C heap's free pages back to the OS once the process grew ``slack`` past ``floor``.
+
+    Returning them costs the next step the page faults of touching that memory again, so they
+    are returned only once they amount to ``slack`` bytes (the guard passes a step's predicted
+    peak): the resident set stays within about two steps of its floor.
+
+    Parameters
+    ----------
+    floor
+        Resident bytes after the last return; ``None``: return now.
+    slack
+        Growth past ``floor`` that is tolerated.
+
+    Returns
+    -------
+    The new floor: resident bytes after this return, else ``floor``. Where neither the resident
+    set nor ``malloc_trim`` can be read (not Linux with glibc), always ``floor``.
+    """
+    rss, trim = resident_bytes(), _malloc_trim()
+    if rss is None or trim is None or (floor is not None and rss <= floor + slack):
+        return floor
+    trim(0)
+    return resident_bytes()
 
 
 @dataclass(frozen=True)
@@ -125,9 +176,12 @@ def _saved_bytes(module, tokens: dict[str, torch.Tensor]) -> tuple[int, int]:
         module.encoder.register_forward_hook(lambda *_: inside.__setitem__(0, False)),
     ]
     buffers = {k: v.clone() for k, v in module.named_buffers()}
+    device = next(module.parameters()).device
+    # the probe's mask draws must not move the generator a resumed run replays
+    devices = [device] if device.type == "cuda" else []
     try:
         with (
-            torch.random.fork_rng(devices=[]),
+            torch.random.fork_rng(devices=devices),
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
         ):
             module.token_loss(tokens)
@@ -203,7 +257,9 @@ def guard_step(module, tokens: dict[str, torch.Tensor], budget: float | None = N
 
     Measures the bytes per token once per module (on the batch's first cell) and predicts the
     peak of a step on the batch (packed batches are counted as if padded to their longest
-    cell, an upper bound). A small step keeps the mixers' intermediates
+    cell, an upper bound); on CPU, first returns freed heap memory to the OS
+    (:func:`return_freed_heap`, with the step's predicted peak as slack). A small step keeps the
+    mixers' intermediates
     (``module.encoder.keep_activations``, see :func:`keeps_activations`); otherwise they are
     recomputed in the backward pass, and a batch that would not fit even so is split into
     groups of cells (``module.encoder.checkpoint_cells``, ``None`` when the batch fits).
@@ -224,9 +280,13 @@ def guard_step(module, tokens: dict[str, torch.Tensor], budget: float | None = N
     memory = getattr(module, "_step_memory", None)
     if memory is None:
         memory = module._step_memory = measure_step_memory(module, _first_cell(tokens))
-    if budget is None:
-        budget = available_bytes(next(module.parameters()).device)
+    device = next(module.parameters()).device
     n_cells, seqlen = batch_shape(tokens)
+    if device.type == "cpu":
+        floor = getattr(module, "_heap_floor", None)
+        module._heap_floor = return_freed_heap(floor, memory.peak(n_cells, seqlen))
+    if budget is None:
+        budget = available_bytes(device)
     keep = keeps_activations(memory, n_cells, seqlen, budget)
     module.encoder.keep_activations = keep
     module.encoder.checkpoint_cells = None if keep else plan_groups(memory, n_cells, seqlen, budget)
