@@ -10,6 +10,8 @@ training, validation, the kept epoch and calibration, at a fraction of the time)
 Usage::
 
     python benchmarks/defaults_memory.py [EPOCHS [OUT.json]]   # default 1, results/
+
+Writes ``OUT.json`` (with every sample) and ``OUT.md`` (the table).
 """
 
 import json
@@ -67,8 +69,28 @@ def main(epochs: int, out: Path) -> dict:
         "samples": samples,
     }
     out.write_text(json.dumps(result))
-    print({k: v for k, v in result.items() if k != "samples"})
+    out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
     return result
+
+
+def markdown(result: dict) -> str:
+    """The result as a table: peak resident set per phase and of the whole process."""
+    rows = [f"| {name} | {mb} |" for name, mb in result["peak_by_phase_mb"].items()]
+    return "\n".join(
+        [
+            f"# Quick start on pbmc3k with every default ({result['date']})",
+            "",
+            f"{result['n_cells']} cells x {result['n_genes']} genes, {result['epochs']} epoch(s), "
+            f"encoder in {result['encoder_dtype']}, training {result['train_s']} s.",
+            "",
+            "| phase | peak RSS (MiB, sampled each second) |",
+            "|---|---|",
+            *rows,
+            f"| process (ru_maxrss) | {result['peak_rss_mb']} |",
+            "",
+        ]
+    )
 
 
 if __name__ == "__main__":
