@@ -84,8 +84,8 @@ def return_freed_heap(floor: int | None, slack: float) -> int | None:
 
     Returns
     -------
-    The new floor: resident bytes after this return, else ``floor``. Where neither the resident
-    set nor ``malloc_trim`` can be read (not Linux with glibc), always ``floor``.
+    The new floor: resident bytes after this return, else ``floor``. Without ``/proc`` or
+    ``malloc_trim`` (anything but Linux with glibc) nothing is returned and ``floor`` stays.
     """
     rss, trim = resident_bytes(), _malloc_trim()
     if rss is None or trim is None or (floor is not None and rss <= floor + slack):
