@@ -37,6 +37,10 @@ _SAFETY = 2.0
 # only for steps under a small cap and far below the memory available.
 _KEEP_FRACTION = 0.25
 _KEEP_CAP = 2**30
+# Freed heap tolerated before it is returned, in predicted step peaks: each return costs the
+# following steps page faults, and two steps of slack cost less than half what one did
+# (benchmarks/results/defaults_memory_pbmc3k.md).
+_HEAP_SLACK_STEPS = 2
 
 
 def available_bytes(device: torch.device) -> int:
@@ -72,8 +76,8 @@ def return_freed_heap(floor: int | None, slack: float) -> int | None:
     """Give the C heap's free pages back to the OS once the process grew ``slack`` past ``floor``.
 
     Returning them costs the next step the page faults of touching that memory again, so they
-    are returned only once they amount to ``slack`` bytes (the guard passes a step's predicted
-    peak): the resident set stays within about two steps of its floor.
+    are returned only once they amount to ``slack`` bytes (the guard passes two steps'
+    predicted peak): the resident set stays within a few steps of its floor.
 
     Parameters
     ----------
@@ -258,7 +262,7 @@ def guard_step(module, tokens: dict[str, torch.Tensor], budget: float | None = N
     Measures the bytes per token once per module (on the batch's first cell) and predicts the
     peak of a step on the batch (packed batches are counted as if padded to their longest
     cell, an upper bound); on CPU, first returns freed heap memory to the OS
-    (:func:`return_freed_heap`, with the step's predicted peak as slack). A small step keeps the
+    (:func:`return_freed_heap`, with two steps' predicted peak as slack). A small step keeps the
     mixers' intermediates
     (``module.encoder.keep_activations``, see :func:`keeps_activations`); otherwise they are
     recomputed in the backward pass, and a batch that would not fit even so is split into
@@ -284,7 +288,8 @@ def guard_step(module, tokens: dict[str, torch.Tensor], budget: float | None = N
     n_cells, seqlen = batch_shape(tokens)
     if device.type == "cpu":
         floor = getattr(module, "_heap_floor", None)
-        module._heap_floor = return_freed_heap(floor, memory.peak(n_cells, seqlen))
+        slack = _HEAP_SLACK_STEPS * memory.peak(n_cells, seqlen)
+        module._heap_floor = return_freed_heap(floor, slack)
     if budget is None:
         budget = available_bytes(device)
     keep = keeps_activations(memory, n_cells, seqlen, budget)
