@@ -31,7 +31,7 @@ from scmamba2_scvi.data import (
     gene_loadings,
 )
 from scmamba2_scvi.module import SCMamba2Module
-from scmamba2_scvi.module._memory import return_freed_heap
+from scmamba2_scvi.module._memory import release_heap
 from scmamba2_scvi.ops import Backend
 
 from ._checksum import verify_weights, write_checksum
@@ -825,8 +825,7 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
         if progress_bar is None:
             progress_bar = len(loader) > 1 and settings.verbosity <= logging.INFO
         zs, extra, positions = [], [], []
-        # after training the heap holds its freed steps; their pages would stay resident
-        return_freed_heap(None, slack=0)
+        release_heap(self.module)
         use_bf16 = self.device.type == "cuda"
         bar = track(
             loader, description=desc, disable=not progress_bar, style=settings.progress_bar_style

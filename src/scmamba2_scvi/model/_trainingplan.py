@@ -14,7 +14,7 @@ from scvi import REGISTRY_KEYS
 from scvi.module.base import BaseModuleClass
 from scvi.train import TrainingPlan
 
-from scmamba2_scvi.module._memory import batch_cells, guard_step, return_freed_heap
+from scmamba2_scvi.module._memory import batch_cells, guard_step, release_heap
 
 from ._utils import check_keywords
 
@@ -417,7 +417,7 @@ class SCMamba2TrainingPlan(TrainingPlan):
     def on_validation_epoch_start(self):
         """Start collecting the validation cells' logits; return the training steps' freed heap."""
         self._val_batches = []
-        self.module._heap_floor = return_freed_heap(None, slack=0)
+        release_heap(self.module)
 
     def validation_step(self, batch, batch_idx):
         """scvi-tools' validation losses; with a classifier, also the cells' logits.

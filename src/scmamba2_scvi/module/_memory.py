@@ -98,6 +98,15 @@ def return_freed_heap(floor: int | None, slack: float) -> int | None:
     return resident_bytes()
 
 
+def release_heap(module) -> None:
+    """Return all freed heap now and make the result the floor of ``module``'s next step.
+
+    Before work of another shape than the training steps' (validation, embedding), which would
+    otherwise grow on the holes those steps left.
+    """
+    module._heap_floor = return_freed_heap(None, slack=0)
+
+
 @dataclass(frozen=True)
 class StepMemory:
     """Bytes that autograd saves per token slot of a batch, inside and outside the encoder.
