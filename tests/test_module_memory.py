@@ -160,8 +160,13 @@ def test_guard_step_returns_freed_heap_on_cpu(model_and_batch, monkeypatch):
     module.__dict__.pop("_heap_floor", None)
     guard_step(module, batch)
     guard_step(module, batch)
-    slack = _memory._HEAP_SLACK_STEPS * module._step_memory.peak(*batch_shape(batch))
-    assert floors == [(None, slack), (42, slack)] and module._heap_floor == 42
+    steps = _memory._HEAP_SLACK_STEPS * module._step_memory.peak(*batch_shape(batch))
+    assert steps < _memory._HEAP_SLACK_MIN  # a small step: the minimum slack applies
+    assert floors == [(None, _memory._HEAP_SLACK_MIN), (42, _memory._HEAP_SLACK_MIN)]
+    assert module._heap_floor == 42
+    monkeypatch.setattr(_memory, "_HEAP_SLACK_MIN", 0)
+    guard_step(module, batch)
+    assert floors[-1] == (42, steps)  # past the minimum: two steps' predicted peak
 
 
 def test_embedding_and_validation_return_freed_heap_first(model_and_batch, monkeypatch):

@@ -39,8 +39,11 @@ _KEEP_FRACTION = 0.25
 _KEEP_CAP = 2**30
 # Freed heap tolerated before it is returned, in predicted step peaks: each return costs the
 # following steps page faults, and two steps of slack cost less than half what one did
-# (benchmarks/results/defaults_memory_pbmc3k.md).
+# (benchmarks/results/defaults_memory_pbmc3k.md). Never less than _HEAP_SLACK_MIN: small steps
+# (the demo's) regrow a few of their peaks every step, and returning that much before each of
+# them cost more time than it saved memory (benchmarks/results/heap_slack_demo.md).
 _HEAP_SLACK_STEPS = 2
+_HEAP_SLACK_MIN = 2**29
 
 
 def available_bytes(device: torch.device) -> int:
@@ -271,9 +274,8 @@ def guard_step(module, tokens: dict[str, torch.Tensor], budget: float | None = N
     Measures the bytes per token once per module (on the batch's first cell) and predicts the
     peak of a step on the batch (packed batches are counted as if padded to their longest
     cell, an upper bound); on CPU, first returns freed heap memory to the OS
-    (:func:`return_freed_heap`, with two steps' predicted peak as slack). A small step keeps the
-    mixers' intermediates
-    (``module.encoder.keep_activations``, see :func:`keeps_activations`); otherwise they are
+    (:func:`return_freed_heap`, with two steps' predicted peak as slack, at least 512 MiB). A
+    small step keeps the mixers' intermediates (``module.encoder.keep_activations``, see :func:`keeps_activations`); otherwise they are
     recomputed in the backward pass, and a batch that would not fit even so is split into
     groups of cells (``module.encoder.checkpoint_cells``, ``None`` when the batch fits).
 
@@ -297,7 +299,7 @@ def guard_step(module, tokens: dict[str, torch.Tensor], budget: float | None = N
     n_cells, seqlen = batch_shape(tokens)
     if device.type == "cpu":
         floor = getattr(module, "_heap_floor", None)
-        slack = _HEAP_SLACK_STEPS * memory.peak(n_cells, seqlen)
+        slack = max(_HEAP_SLACK_STEPS * memory.peak(n_cells, seqlen), _HEAP_SLACK_MIN)
         module._heap_floor = return_freed_heap(floor, slack)
     if budget is None:
         budget = available_bytes(device)
