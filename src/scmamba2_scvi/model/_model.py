@@ -31,7 +31,7 @@ from scmamba2_scvi.data import (
     gene_loadings,
 )
 from scmamba2_scvi.module import SCMamba2Module
-from scmamba2_scvi.module._memory import release_heap
+from scmamba2_scvi.module._memory import keep_heap, release_heap
 from scmamba2_scvi.ops import Backend
 
 from ._checksum import verify_weights, write_checksum
@@ -839,6 +839,8 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
                 out = None if head is None else head(z, batch)
                 if out is not None:
                     extra.append(out.float().cpu())
+            if self.device.type == "cpu":
+                keep_heap(self.module, 0)
         back = torch.argsort(torch.cat(positions))  # to the order of `indices`
         return torch.cat(zs)[back], (torch.cat(extra)[back] if extra else None)
 

@@ -13,8 +13,9 @@ The other way round, a small step keeps the mixers' intermediates instead of rec
 (the encoder's ``keep_activations``): the same gradients, one forward pass fewer.
 
 On CPU the guard also hands the memory that earlier steps freed back to the operating system
-(:func:`return_freed_heap`): glibc keeps freed tensors in its heap, and as batch shapes vary it
-cannot reuse all of it, so without that the resident set creeps up step after step.
+(:func:`keep_heap`; the embedding does the same after each batch): glibc keeps freed tensors in
+its heap, and as batch shapes vary it cannot reuse all of it, so without that the resident set
+creeps up step after step.
 """
 
 from __future__ import annotations
@@ -99,6 +100,17 @@ def return_freed_heap(floor: int | None, slack: float) -> int | None:
         return floor
     trim(0)
     return resident_bytes()
+
+
+def keep_heap(module, slack: float) -> None:
+    """Return freed heap once the process grew ``slack`` past ``module``'s floor, and move it.
+
+    ``slack`` is raised to at least ``_HEAP_SLACK_MIN``: below that, returning costs more time
+    in page faults than it saves memory. Called before each training step on CPU (by
+    :func:`guard_step`) and after each embedding batch, where varying batch shapes grow the heap.
+    """
+    floor = getattr(module, "_heap_floor", None)
+    module._heap_floor = return_freed_heap(floor, max(slack, _HEAP_SLACK_MIN))
 
 
 def release_heap(module) -> None:
@@ -274,10 +286,11 @@ def guard_step(module, tokens: dict[str, torch.Tensor], budget: float | None = N
     Measures the bytes per token once per module (on the batch's first cell) and predicts the
     peak of a step on the batch (packed batches are counted as if padded to their longest
     cell, an upper bound); on CPU, first returns freed heap memory to the OS
-    (:func:`return_freed_heap`, with two steps' predicted peak as slack, at least 512 MiB). A
-    small step keeps the mixers' intermediates (``module.encoder.keep_activations``, see :func:`keeps_activations`); otherwise they are
-    recomputed in the backward pass, and a batch that would not fit even so is split into
-    groups of cells (``module.encoder.checkpoint_cells``, ``None`` when the batch fits).
+    (:func:`keep_heap`, with two steps' predicted peak as slack). A small step keeps the
+    mixers' intermediates (``module.encoder.keep_activations``, see :func:`keeps_activations`);
+    otherwise they are recomputed in the backward pass, and a batch that would not fit even so
+    is split into groups of cells (``module.encoder.checkpoint_cells``, ``None`` when the batch
+    fits).
 
     Parameters
     ----------
@@ -298,9 +311,7 @@ def guard_step(module, tokens: dict[str, torch.Tensor], budget: float | None = N
     device = next(module.parameters()).device
     n_cells, seqlen = batch_shape(tokens)
     if device.type == "cpu":
-        floor = getattr(module, "_heap_floor", None)
-        slack = max(_HEAP_SLACK_STEPS * memory.peak(n_cells, seqlen), _HEAP_SLACK_MIN)
-        module._heap_floor = return_freed_heap(floor, slack)
+        keep_heap(module, _HEAP_SLACK_STEPS * memory.peak(n_cells, seqlen))
     if budget is None:
         budget = available_bytes(device)
     keep = keeps_activations(memory, n_cells, seqlen, budget)
