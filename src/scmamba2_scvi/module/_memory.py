@@ -103,10 +103,10 @@ def return_freed_heap(floor: int | None, slack: float) -> int | None:
 
 
 def keep_heap(module, slack: float) -> None:
-    """Return freed heap once the process grew ``slack`` past ``module``'s floor, and move it.
+    """Return freed heap once the process grew ``slack`` past ``module``'s floor; new floor.
 
-    ``slack`` is raised to at least ``_HEAP_SLACK_MIN``: below that, returning costs more time
-    in page faults than it saves memory. Called before each training step on CPU (by
+    ``slack`` is raised to at least 512 MiB: below that, returning costs more time in page
+    faults than it saves memory. Called before each training step on CPU (by
     :func:`guard_step`) and after each embedding batch, where varying batch shapes grow the heap.
     """
     floor = getattr(module, "_heap_floor", None)
