@@ -169,6 +169,18 @@ def test_guard_step_returns_freed_heap_on_cpu(model_and_batch, monkeypatch):
     assert floors[-1] == (42, steps)  # past the minimum: two steps' predicted peak
 
 
+def test_heap_is_kept_only_for_a_module_on_cpu(monkeypatch):
+    """A module off the CPU keeps its tensors off the host heap: nothing to return for it."""
+    calls = []
+    monkeypatch.setattr(_memory, "return_freed_heap", lambda f, s: calls.append((f, s)) or 9)
+    off_cpu = torch.nn.Linear(2, 2, device="meta")
+    _memory.keep_heap(off_cpu, 0)
+    assert calls == [] and not hasattr(off_cpu, "_heap_floor")
+    on_cpu = torch.nn.Linear(2, 2)
+    _memory.keep_heap(on_cpu, 0)
+    assert calls == [(None, _memory._HEAP_SLACK_MIN)] and on_cpu._heap_floor == 9
+
+
 def test_embedding_and_validation_return_freed_heap_first(model_and_batch, monkeypatch):
     """After training, the heap holds the steps' freed memory: inference returns it first."""
     model = model_and_batch[0]

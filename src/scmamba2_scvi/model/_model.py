@@ -839,8 +839,7 @@ class SCMamba2(UnsupervisedTrainingMixin, BaseModelClass):
                 out = None if head is None else head(z, batch)
                 if out is not None:
                     extra.append(out.float().cpu())
-            if self.device.type == "cpu":
-                keep_heap(self.module, 0)
+            keep_heap(self.module, 0)
         back = torch.argsort(torch.cat(positions))  # to the order of `indices`
         return torch.cat(zs)[back], (torch.cat(extra)[back] if extra else None)
 

@@ -80,8 +80,8 @@ def return_freed_heap(floor: int | None, slack: float) -> int | None:
     """Give the C heap's free pages back to the OS once the process grew ``slack`` past ``floor``.
 
     Returning them costs the next step the page faults of touching that memory again, so they
-    are returned only once they amount to ``slack`` bytes (the guard passes two steps'
-    predicted peak): the resident set stays within a few steps of its floor.
+    are returned only once they amount to ``slack`` bytes (see :func:`keep_heap`): the resident
+    set stays within a few steps of its floor.
 
     Parameters
     ----------
@@ -106,9 +106,12 @@ def keep_heap(module, slack: float) -> None:
     """Return freed heap once the process grew ``slack`` past ``module``'s floor; new floor.
 
     ``slack`` is raised to at least 512 MiB: below that, returning costs more time in page
-    faults than it saves memory. Called before each training step on CPU (by
-    :func:`guard_step`) and after each embedding batch, where varying batch shapes grow the heap.
+    faults than it saves memory. Called before each training step (by :func:`guard_step`) and
+    after each embedding batch, where varying batch shapes grow the heap. Only for a module on
+    CPU: on a GPU the batches' tensors are not in the host heap.
     """
+    if next(module.parameters()).device.type != "cpu":
+        return
     floor = getattr(module, "_heap_floor", None)
     module._heap_floor = return_freed_heap(floor, max(slack, _HEAP_SLACK_MIN))
 
@@ -310,8 +313,7 @@ def guard_step(module, tokens: dict[str, torch.Tensor], budget: float | None = N
         memory = module._step_memory = measure_step_memory(module, _first_cell(tokens))
     device = next(module.parameters()).device
     n_cells, seqlen = batch_shape(tokens)
-    if device.type == "cpu":
-        keep_heap(module, _HEAP_SLACK_STEPS * memory.peak(n_cells, seqlen))
+    keep_heap(module, _HEAP_SLACK_STEPS * memory.peak(n_cells, seqlen))
     if budget is None:
         budget = available_bytes(device)
     keep = keeps_activations(memory, n_cells, seqlen, budget)
